@@ -1,0 +1,118 @@
+"""The one place that knows about Accelerate, DeepSpeed and torch.distributed.
+
+Decisions to skip or stop a step are taken by all ranks together: a rank that
+skipped backward alone would leave its peers waiting in the gradient all-reduce
+until the process-group timeout (seen on gloo). Every helper here that returns a
+decision runs one collective on every rank.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import (
+    DistributedDataParallelKwargs,
+    InitProcessGroupKwargs,
+    gather_object,
+)
+
+
+def process_group_backend() -> str:
+    """NCCL on GPUs; gloo on CPU-only machines (accelerate defaults to NCCL otherwise)."""
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def launched_distributed() -> bool:
+    """Started by a launcher that set up a process group (accelerate launch, torchrun, srun)."""
+    return "WORLD_SIZE" in os.environ or os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
+
+
+def build_accelerator(
+    *,
+    gradient_accumulation_steps: int,
+    mixed_precision: str,
+    log_with: list[str] | None,
+    project_dir: str | None = None,
+    timeout_s: int = 1800,
+) -> Accelerator:
+    """An Accelerator for DDP, DeepSpeed or a single process, configured by `accelerate launch`."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed otherwise probes for CUDA
+    handlers = [
+        # The rollout calls forward T times per step; broadcasting buffers on each call would
+        # add T collectives. The model has no buffers that differ across ranks.
+        DistributedDataParallelKwargs(broadcast_buffers=False),
+    ]
+    if launched_distributed():
+        # Without an explicit gloo backend on CPU, accelerate reports world size 1.
+        handlers.append(InitProcessGroupKwargs(backend=process_group_backend(), timeout=timedelta(seconds=timeout_s)))
+    return Accelerator(
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        mixed_precision=mixed_precision,
+        log_with=log_with,
+        project_dir=project_dir,
+        # We step the scheduler ourselves, once per applied optimizer step; accelerate's
+        # default would step it num_processes times per step.
+        step_scheduler_with_optimizer=False,
+        kwargs_handlers=handlers,
+    )
+
+
+def any_rank(accelerator: Accelerator, *flags: torch.Tensor | bool) -> tuple[bool, ...]:
+    """For each flag: true on every rank if true on any rank. One int32 MAX all-reduce. # sync point"""
+    values = torch.stack(
+        [torch.as_tensor(f, device=accelerator.device).to(torch.int32).reshape(()) for f in flags]
+    )
+    if accelerator.num_processes > 1:
+        torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MAX)
+    return tuple(bool(v) for v in values.tolist())
+
+
+def nonfinite(value: torch.Tensor) -> torch.Tensor:
+    """A 0-d bool tensor on value's device: does it hold NaN/Inf? (no host sync)"""
+    return ~torch.isfinite(value.detach()).all()
+
+
+def all_finite(accelerator: Accelerator, value: torch.Tensor) -> bool:
+    """True on every rank only if `value` is finite on every rank. # sync point"""
+    return not any_rank(accelerator, nonfinite(value))[0]
+
+
+def sum_across_ranks(accelerator: Accelerator, tensor: torch.Tensor) -> torch.Tensor:
+    return accelerator.reduce(tensor, reduction="sum") if accelerator.num_processes > 1 else tensor
+
+
+def gather_reports(accelerator: Accelerator, report: object) -> list:
+    """Every rank's `report`, in rank order, on every rank (rare path: after a skip)."""
+    if accelerator.num_processes == 1:
+        return [report]
+    return gather_object([report])
+
+
+def broadcast_from_main(accelerator: Accelerator, value: object) -> object:
+    """The main process's `value` on every rank (e.g. a timestamped run name)."""
+    if accelerator.num_processes == 1:
+        return value
+    payload = [value]
+    torch.distributed.broadcast_object_list(payload, src=0)
+    return payload[0]
+
+
+def nonfinite_grad_names(model: torch.nn.Module) -> list[str]:
+    """Names of parameters whose gradient holds NaN/Inf (rare path: only after a skip)."""
+    return [
+        name
+        for name, p in model.named_parameters()
+        if p.grad is not None and not torch.isfinite(p.grad).all()
+    ]
+
+
+def unwrap(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    return accelerator.unwrap_model(model)
+
+
+def uses_deepspeed(accelerator: Accelerator) -> bool:
+    return accelerator.distributed_type.name == "DEEPSPEED"

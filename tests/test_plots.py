@@ -1,0 +1,118 @@
+"""Figures: rollout frames, loss curves, VRMSE per step, atomic PNG saving."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from noa_dist import plots
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _rollout(
+    T: int = 12, C: int = 2, H: int = 16, W: int = 20
+) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    truth_TCHW = torch.randn(T, C, H, W, generator=gen)
+    pred_TCHW = truth_TCHW + 0.1 * torch.arange(1, T + 1).view(T, 1, 1, 1) * torch.randn(
+        T, C, H, W, generator=gen
+    )
+    return truth_TCHW, pred_TCHW
+
+
+def _images(fig) -> list:
+    return [ax for ax in fig.axes if ax.images]
+
+
+def test_default_steps_are_first_quarter_half_last_without_duplicates():
+    assert plots.default_steps(16) == (1, 4, 8, 16)
+    assert plots.default_steps(2) == (1, 2)
+    assert plots.default_steps(1) == (1,)
+
+
+def test_frame_vrmse_is_zero_for_truth_and_one_for_the_spatial_mean():
+    truth_HW = np.random.default_rng(0).standard_normal((32, 32)).astype(np.float32)
+    assert plots.frame_vrmse(truth_HW, truth_HW) == 0.0
+    mean_HW = np.full_like(truth_HW, truth_HW.mean())
+    assert plots.frame_vrmse(truth_HW, mean_HW) == pytest.approx(1.0, rel=1e-4)
+
+
+def test_rollout_figure_has_truth_prediction_error_rows_at_requested_steps():
+    truth_TCHW, pred_TCHW = _rollout()
+    fig = plots.rollout_figure(truth_TCHW, pred_TCHW, channel=1, title="demo")
+    panels = _images(fig)
+    assert len(panels) == 3 * 4  # rows truth / prediction / error, columns 1, 3, 6, 12
+    assert len(fig.axes) == 3 * 4 + 3  # one colorbar per row
+    assert [ax.get_ylabel() for ax in panels[::4]] == [
+        "truth",
+        "prediction",
+        "error (pred - truth)",
+    ]
+    titles = [ax.get_title() for ax in panels[4:8]]
+    assert [int(re.match(r"step (\d+)", t).group(1)) for t in titles] == [1, 3, 6, 12]
+    expected = plots.frame_vrmse(truth_TCHW[11, 1].numpy(), pred_TCHW[11, 1].numpy())
+    assert titles[-1].endswith(f"VRMSE {expected:.3f}")
+    assert fig.get_suptitle() == "demo"
+
+
+def test_rollout_figure_shares_colour_scale_of_truth_and_prediction_and_centres_error():
+    truth_TCHW, pred_TCHW = _rollout()
+    panels = _images(plots.rollout_figure(truth_TCHW, pred_TCHW, steps=(2, 5)))
+    truth_clims = {ax.images[0].get_clim() for ax in panels[:4]}
+    assert len(truth_clims) == 1  # truth and prediction rows: one scale
+    err_lo, err_hi = panels[-1].images[0].get_clim()
+    assert err_hi > 0
+    assert err_lo == -err_hi
+
+
+def test_rollout_figure_renders_a_diverged_prediction(tmp_path):
+    truth_TCHW, pred_TCHW = _rollout(T=4)
+    pred_TCHW[2:] = float("nan")
+    fig = plots.rollout_figure(truth_TCHW, pred_TCHW)  # steps 1, 2, 4
+    assert _images(fig)[5].get_title() == "step 4  VRMSE nan"
+    assert plots.save_figure(fig, tmp_path / "nan.png").stat().st_size > 1000
+
+
+def test_rollout_figure_rejects_mismatched_shapes_and_bad_steps():
+    truth_TCHW, pred_TCHW = _rollout(T=4)
+    with pytest.raises(ValueError, match=r"\(T, C, H, W\)"):
+        plots.rollout_figure(truth_TCHW, pred_TCHW[:3])
+    with pytest.raises(ValueError, match=r"within 1\.\.4"):
+        plots.rollout_figure(truth_TCHW, pred_TCHW, steps=(0, 4))
+    with pytest.raises(ValueError, match="channel=5"):
+        plots.rollout_figure(truth_TCHW, pred_TCHW, channel=5)
+
+
+def test_loss_curves_use_given_steps_and_log_scale():
+    history = {"train/loss": [1.0, 0.5, 0.25, 0.125], "val/loss": [0.6, 0.2]}
+    fig = plots.loss_curves_figure(
+        history, steps={"train/loss": [0, 10, 20, 30], "val/loss": [15, 30]}
+    )
+    ax = fig.axes[0]
+    assert ax.get_yscale() == "log"
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert list(lines["val/loss"].get_xdata()) == [15, 30]
+    assert list(lines["train/loss"].get_xdata()) == [0, 10, 20, 30]
+
+
+def test_vrmse_figure_plots_model_persistence_and_mean_reference():
+    fig = plots.vrmse_figure(torch.tensor([0.1, 0.2, 0.4]), [0.3, 0.6, 0.9])
+    labels = [line.get_label() for line in fig.axes[0].get_lines()]
+    assert labels == ["model", "persistence", "spatial mean (1.0)"]
+    assert list(fig.axes[0].get_lines()[0].get_xdata()) == [1, 2, 3]
+
+
+def test_save_figure_writes_a_png_atomically_and_replaces_old_file(tmp_path):
+    target = tmp_path / "figs" / "rollout.png"
+    target.parent.mkdir()
+    target.write_bytes(b"old")
+    truth_TCHW, pred_TCHW = _rollout()
+    plots.save_figure(plots.rollout_figure(truth_TCHW, pred_TCHW), target)
+    data = target.read_bytes()
+    assert data.startswith(PNG_SIGNATURE)
+    assert len(data) > 20_000  # 12 image panels, not an empty canvas
+    assert [p.name for p in target.parent.iterdir()] == ["rollout.png"]  # no temp left

@@ -1,0 +1,134 @@
+"""UAFNO: shapes, channel progression, persistence at init, conditioning, rollout, gradients,
+roll equivariance on the coarse lattice, and input checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from noa_dist.models.uafno import UAFNO, level_widths, periodic_upsample2x
+
+
+def _small(**kwargs) -> UAFNO:
+    torch.manual_seed(0)
+    config = dict(in_channels=2, base_channels=8, afno_blocks=1, afno_num_blocks=4)
+    return UAFNO(**{**config, **kwargs})
+
+
+def _randomize_head(model: UAFNO) -> UAFNO:
+    """The zero-init head hides everything upstream; give it weights as after some training."""
+    with torch.no_grad():
+        model.head.weight.normal_(0.0, 0.5)
+        model.head.bias.normal_(0.0, 0.5)
+    return model
+
+
+def test_output_shape_matches_input_on_64_and_32_grids():
+    model = _small()
+    for size in (64, 32):
+        u_BCHW = torch.randn(2, 2, size, size)
+        assert model(u_BCHW).shape == (2, 2, size, size)
+
+
+def test_default_bottleneck_is_256_channels_on_8x8_for_64x64_input():
+    model = UAFNO(in_channels=1, cond_channels=4)
+    assert level_widths(32, 3, 8) == [64, 128, 256]  # stem 32 -> doubled per level
+    features = model.bottleneck_features(torch.randn(1, 1, 64, 64), torch.randn(1, 4, 64, 64))
+    assert features.shape == (1, 256, 8, 8)
+
+
+def test_channel_growth_stops_at_cap():
+    assert level_widths(16, 5, 4) == [32, 64, 64, 64, 64]
+
+
+def test_zero_initialised_head_makes_untrained_model_persistence():
+    model = _small(cond_channels=1)
+    u_BCHW = torch.randn(2, 2, 32, 32)
+    assert torch.equal(model.single_step(u_BCHW, torch.randn(2, 1, 32, 32)), u_BCHW)
+
+
+def test_conditioning_fields_change_the_prediction():
+    model = _randomize_head(_small(cond_channels=1))
+    u_BCHW = torch.randn(2, 2, 32, 32)
+    out = model(u_BCHW, torch.zeros(2, 1, 32, 32))
+    assert (model(u_BCHW, torch.randn(2, 1, 32, 32)) - out).abs().max() > 1e-2
+    # a spatially uniform field too (an InstanceNorm right after the stem would erase it)
+    assert (model(u_BCHW, torch.ones(2, 1, 32, 32)) - out).abs().max() > 1e-2
+
+
+def test_increment_depends_on_state_level_and_amplitude():
+    """The prototype's stem conv -> InstanceNorm made net(a*u + b) == net(u): no physics."""
+    model = _randomize_head(_small())
+    u_BCHW = torch.randn(1, 2, 32, 32)
+    with torch.no_grad():
+        delta = model(u_BCHW) - u_BCHW
+        delta_affine = model(2 * u_BCHW + 1) - (2 * u_BCHW + 1)
+    assert (delta_affine - delta).abs().max() > 1e-1
+
+
+def test_rollout_stacks_repeated_single_steps():
+    model = _randomize_head(_small())
+    u0_BCHW = torch.randn(1, 2, 32, 32)
+    with torch.no_grad():
+        states_BTCHW = model.rollout(u0_BCHW, steps=3)
+        expected = model(model(model(u0_BCHW)))
+    assert states_BTCHW.shape == (1, 3, 2, 32, 32)
+    torch.testing.assert_close(states_BTCHW[:, -1], expected)
+
+
+def test_head_gets_gradient_at_init_and_every_parameter_after():
+    model = _small(cond_channels=1)
+    u_BCHW, cond_BCHW = torch.randn(2, 2, 32, 32), torch.randn(2, 1, 32, 32)
+    model(u_BCHW, cond_BCHW).square().mean().backward()
+    assert model.head.weight.grad.abs().sum() > 0  # so the first update can leave persistence
+    model.zero_grad()
+    _randomize_head(model)
+    model(u_BCHW, cond_BCHW).square().mean().backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+
+
+def test_output_rolls_with_input_for_shifts_on_the_coarse_lattice():
+    model = _randomize_head(_small(cond_channels=1)).eval()
+    u_BCHW, cond_BCHW = torch.randn(1, 2, 64, 64), torch.randn(1, 1, 64, 64)
+    shift, dims = (8, -16), (2, 3)  # multiples of 2**encoder_levels
+    with torch.no_grad():
+        out = model(u_BCHW, cond_BCHW)
+        rolled = model(torch.roll(u_BCHW, shift, dims), torch.roll(cond_BCHW, shift, dims))
+    torch.testing.assert_close(rolled, torch.roll(out, shift, dims), atol=1e-4, rtol=1e-5)
+
+
+def test_periodic_upsampling_wraps_around_the_edges():
+    x_BCHW = torch.randn(1, 3, 4, 6)
+    up = periodic_upsample2x(x_BCHW)
+    assert up.shape == (1, 3, 8, 12)
+    torch.testing.assert_close(
+        periodic_upsample2x(torch.roll(x_BCHW, (1, 2), (2, 3))), torch.roll(up, (2, 4), (2, 3))
+    )
+
+
+def test_grid_not_divisible_by_two_to_the_levels_is_rejected():
+    with pytest.raises(ValueError, match="divisible by 8; got 36x32"):
+        _small()(torch.randn(1, 2, 36, 32))
+
+
+def test_missing_or_misshaped_conditioning_is_rejected():
+    model = _small(cond_channels=3)
+    u_BCHW = torch.randn(1, 2, 32, 32)
+    with pytest.raises(ValueError, match=r"cond_BCHW must have shape \(1, 3, 32, 32\), got None"):
+        model(u_BCHW)
+    with pytest.raises(ValueError, match="got None"):
+        model.bottleneck_features(u_BCHW)
+    with pytest.raises(ValueError, match="cond_channels=0"):
+        _small()(u_BCHW, torch.randn(1, 3, 32, 32))
+
+
+def test_wrong_state_channels_are_rejected():
+    with pytest.raises(ValueError, match=r"expected u of shape \[B, 2, H, W\]"):
+        _small()(torch.randn(1, 3, 32, 32))
+
+
+def test_predict_delta_needs_matching_output_channels():
+    with pytest.raises(ValueError, match="out_channels == in_channels"):
+        UAFNO(in_channels=2, out_channels=1)
+    assert UAFNO(in_channels=2, out_channels=1, predict_delta=False, base_channels=8).param_count()
