@@ -249,10 +249,10 @@ def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
     return complete[max(complete)] if complete else None
 
 
-def resolve_resume(resume: str, checkpoint_dir: Path) -> Path | None:
+def resolve_resume(resume: str | None, checkpoint_dir: Path) -> Path | None:
     """`--resume` to a checkpoint folder: "auto" = latest complete one (None: fresh start),
-    "" or "none" = fresh start, anything else = a path that must be a complete checkpoint."""
-    if resume in ("", "none"):
+    None, "" or "none" = fresh start, else a path that must be a complete checkpoint."""
+    if resume in (None, "", "none"):
         return None
     if resume == "auto":
         found = latest_checkpoint(checkpoint_dir)

@@ -90,6 +90,7 @@ class TrackingConfig:
 
 @dataclass(frozen=True)
 class DebugConfig:
+    debug_hang_in_save: int | None = _doc("fault injection for testing atomic checkpoints: hang inside the checkpoint save of this step (until killed)", default=None)
     debug_inject_nan: str | None = _doc("fault injection for testing skip-together: 'RANK:STEP[:loss|grad]' makes that rank's loss (or gradients) NaN at that optimizer step", default=None)
 
 

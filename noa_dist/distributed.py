@@ -19,15 +19,21 @@ from accelerate.utils import (
     gather_object,
 )
 
+from noa_dist.errors import ConfigError
+
 
 def process_group_backend() -> str:
     """NCCL on GPUs; gloo on CPU-only machines (accelerate defaults to NCCL otherwise)."""
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
+def deepspeed_requested() -> bool:
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
 def launched_distributed() -> bool:
     """Started by a launcher that set up a process group (accelerate launch, torchrun, srun)."""
-    return "WORLD_SIZE" in os.environ or os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
+    return "WORLD_SIZE" in os.environ or deepspeed_requested()
 
 
 def build_accelerator(
@@ -50,6 +56,9 @@ def build_accelerator(
         # Without an explicit gloo backend on CPU, accelerate reports world size 1.
         handlers.append(InitProcessGroupKwargs(backend=process_group_backend(), timeout=timedelta(seconds=timeout_s)))
     return Accelerator(
+        # On CPU-only machines accelerate picks DDP (MULTI_CPU, gloo) only when told `cpu=True`;
+        # otherwise it starts a process group but leaves the model unwrapped (no gradient sync).
+        cpu=not torch.cuda.is_available() and not deepspeed_requested(),
         gradient_accumulation_steps=gradient_accumulation_steps,
         mixed_precision=mixed_precision,
         log_with=log_with,
@@ -116,3 +125,12 @@ def unwrap(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
 
 def uses_deepspeed(accelerator: Accelerator) -> bool:
     return accelerator.distributed_type.name == "DEEPSPEED"
+
+
+def check_world(accelerator: Accelerator) -> None:
+    """Refuse a launch where several processes run but the model would not be synchronised."""
+    if accelerator.num_processes > 1 and accelerator.distributed_type.name == "NO":
+        raise ConfigError(
+            f"{accelerator.num_processes} processes but no data-parallel wrapper: gradients would not be "
+            "synchronised. Launch with `accelerate launch --multi_gpu` (DDP) or `--use_deepspeed`."
+        )

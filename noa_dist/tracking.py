@@ -47,7 +47,13 @@ def wandb_mode(requested: str = "auto") -> str:
     "auto": an explicit WANDB_MODE environment variable wins; otherwise online when W&B
     credentials exist (WANDB_API_KEY, WANDB_IDENTITY_TOKEN_FILE or a netrc entry for the
     W&B host), else offline, so a cluster node without a login still records the run.
+    "online" without credentials is refused here rather than failing inside wandb.init.
     """
+    if requested == "online" and not has_wandb_credentials():
+        raise ConfigError(
+            "--wandb-mode=online: no W&B credentials (run `wandb login` or set WANDB_API_KEY), "
+            "or use --wandb-mode=offline and `wandb sync` later"
+        )
     if requested in MODES:
         return requested
     if requested != "auto":

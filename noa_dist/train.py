@@ -41,7 +41,8 @@ def _saved_run_id(path: Path | None) -> str | None:
     return saved["state"].get("wandb_run_id")
 
 
-def run(cfg: Config) -> Outcome:
+def prepare(cfg: Config) -> Trainer:
+    """Check data, start the process group, build the trainer, restore state, start W&B."""
     stable = cfg.checkpoint.run_name or cfg.checkpoint.checkpoint_dir or "SLURM_JOB_ID" in os.environ
     if cfg.checkpoint.resume == "auto" and not stable:
         raise ConfigError("--resume auto needs a stable place to look: give --run-name or --checkpoint-dir")
@@ -52,6 +53,7 @@ def run(cfg: Config) -> Outcome:
         mixed_precision=cfg.train.mixed_precision,
         log_with=tracking.log_with(mode),
     )
+    distributed.check_world(accelerator)
     run_dir = resolve_run_dir(cfg, accelerator)
     accelerator.print(f"noa-dist: {accelerator.num_processes} process(es), {accelerator.distributed_type.name}, "
                       f"device {accelerator.device}\nResolved configuration:\n{cfg.to_yaml()}")
@@ -62,10 +64,9 @@ def run(cfg: Config) -> Outcome:
     trainer = Trainer(cfg, accelerator, root, run_dir, stop)
     accelerator.print(f"Model: U-AFNO with {trainer.n_params:,} parameters; "
                       f"{len(trainer.train_set)} training windows, {trainer.steps_per_epoch} steps/epoch")
-    ckpt_dir = trainer.checkpoint_dir
-    resume_path = checkpoint.resolve_resume(cfg.checkpoint.resume, ckpt_dir) if cfg.checkpoint.resume else None
+    resume_path = checkpoint.resolve_resume(cfg.checkpoint.resume, trainer.checkpoint_dir) if cfg.checkpoint.resume else None
     if cfg.checkpoint.resume == "auto" and resume_path is None:
-        accelerator.print(f"--resume auto: no complete checkpoint in {ckpt_dir}; starting fresh")
+        accelerator.print(f"--resume auto: no complete checkpoint in {trainer.checkpoint_dir}; starting fresh")
     run_id = tracking.start_run(accelerator, project=cfg.tracking.wandb_project, run_name=run_dir.name,
                                 run_dir=run_dir, config=cfg.to_dict(), mode=mode,
                                 resume_run_id=_saved_run_id(resume_path))
@@ -74,8 +75,14 @@ def run(cfg: Config) -> Outcome:
     elif cfg.checkpoint.init_from:
         trainer.init_weights_from(Path(cfg.checkpoint.init_from))
     trainer.state.wandb_run_id = run_id
+    return trainer
+
+
+def run(cfg: Config) -> Outcome:
+    trainer = prepare(cfg)
     outcome = trainer.fit()
-    report.final_summary(accelerator, outcome, run_dir, tracking.run_location(accelerator))
+    accelerator = trainer.accelerator
+    report.final_summary(accelerator, outcome, trainer.run_dir, tracking.run_location(accelerator))
     tracking.finish(accelerator)
     accelerator.wait_for_everyone()
     return outcome

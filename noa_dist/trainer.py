@@ -63,6 +63,8 @@ class Trainer:
         self.state = TrainState(run_dir=str(run_dir))
         self._build_data(dataset_root)
         self._build_model()
+        if cfg.debug.debug_hang_in_save is not None:
+            accelerator.register_save_state_pre_hook(self._debug_hang_in_save)
 
     # ----------------------------------------------------------------- building
     def _build_data(self, root: Path) -> None:
@@ -120,6 +122,14 @@ class Trainer:
         state_dict, _ = checkpoint.load_model_weights(path)
         self.accelerator.unwrap_model(self.model).load_state_dict(state_dict)
         self.accelerator.print(f"Initialised model weights from {path} (optimizer and schedule start fresh)")
+
+    def _debug_hang_in_save(self, _models, _weights, output_dir: str) -> None:
+        """--debug-hang-in-save STEP: stall inside that save so a test can kill it mid-write."""
+        if self.state.global_step == self.cfg.debug.debug_hang_in_save:
+            print(f"debug: hanging inside the checkpoint save of step {self.state.global_step} "
+                  f"({output_dir}) until killed", flush=True)
+            while True:
+                time.sleep(3600)
 
     def _trainer_state(self) -> dict:
         return {"state": self.state.to_dict(), "sampler": self.sampler.state_dict(self.state.batch_in_epoch),

@@ -40,6 +40,8 @@ class OfflineRun:
     run_id: str
     path: Path
     """The `.wandb` file."""
+    name: str = ""
+    project: str = ""
     config: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
     """One dict per committed step; `_step` is the step passed to `accelerator.log`."""
@@ -97,6 +99,7 @@ def _apply(run: OfflineRun, record: Any) -> None:
     kind = record.WhichOneof("record_type")
     if kind == "run":
         run.run_id = record.run.run_id or run.run_id
+        run.name, run.project = record.run.display_name, record.run.project
         _update(run.config, record.run.config.update, record.run.config.remove)
     elif kind == "config":
         _update(run.config, record.config.update, record.config.remove)

@@ -49,7 +49,9 @@ def test_filter_output_rolls_with_its_input(shift):
     out_BHWC = filter_(x_BHWC)
     assert (out_BHWC - x_BHWC).abs().max() > 0.1, "spectral path inactive: test would be vacuous"
     rolled_out = filter_(torch.roll(x_BHWC, shift, dims=(1, 2)))
-    torch.testing.assert_close(rolled_out, torch.roll(out_BHWC, shift, dims=(1, 2)), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        rolled_out, torch.roll(out_BHWC, shift, dims=(1, 2)), atol=1e-5, rtol=0
+    )
 
 
 def test_block_output_rolls_with_its_input():

@@ -4,9 +4,9 @@ import copy
 import json
 import logging
 import math
+import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -206,6 +206,7 @@ def test_resolve_resume_accepts_a_complete_checkpoint_and_explains_bad_paths(acc
     assert resolve_resume(str(good), tmp_path) == good
     assert resolve_resume("auto", tmp_path) == good
     assert resolve_resume("none", tmp_path) is None
+    assert resolve_resume(None, tmp_path) is None
     with pytest.raises(
         ConfigError,
         match=r"step-00000006: no COMPLETE marker: the save was interrupted; use --resume auto",
@@ -315,66 +316,117 @@ def test_sigkill_during_save_leaves_previous_checkpoints_loadable(tmp_path):
     reset_accelerate()
 
 
-DDP_CHILD = """
+TWO_RANK_CHILD = """
 import sys
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DeepSpeedPlugin
+from accelerate.utils import InitProcessGroupKwargs
 
-from noa_dist.checkpoint import load_checkpoint, save_checkpoint, save_model_weights
+from noa_dist.checkpoint import (
+    latest_checkpoint, load_checkpoint, save_checkpoint, save_model_weights,
+)
 
-out = Path(sys.argv[1])
-accelerator = Accelerator(cpu=True)
+out, mode = Path(sys.argv[1]), sys.argv[2]
+if mode == "zero3":
+    plugin = DeepSpeedPlugin(zero_stage=3, gradient_clipping=1.0, zero3_save_16bit_model=True)
+    gloo = InitProcessGroupKwargs(backend="gloo")
+    accelerator = Accelerator(deepspeed_plugin=plugin, kwargs_handlers=[gloo])
+else:
+    accelerator = Accelerator(cpu=True)
 rank = accelerator.process_index
+
+
+def snapshot():
+    # Full weights on the main process; ZeRO-3 gathers them, so every rank calls this.
+    return {k: v.clone() for k, v in (accelerator.get_state_dict(model) or {}).items()}
+
+
+def train(steps):
+    for _, (x,) in zip(range(steps), loader):
+        accelerator.backward(model(x).pow(2).mean())
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+
+
 try:
     assert accelerator.num_processes == 2, accelerator.num_processes
     torch.manual_seed(0)
-    model = torch.nn.Linear(4, 3)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    for _ in range(2):
-        accelerator.backward(model(torch.randn(8, 4)).pow(2).mean())
-        optimizer.step()
-        optimizer.zero_grad()
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
+    data = torch.utils.data.TensorDataset(torch.randn(64, 4))
+    loader = torch.utils.data.DataLoader(data, batch_size=4)  # DeepSpeed reads its batch size
+    model, optimizer, scheduler, loader = accelerator.prepare(model, optimizer, scheduler, loader)
+    train(2)
+    save_checkpoint(accelerator, out / "ckpt", 1, {"global_step": 1})
     path = save_checkpoint(accelerator, out / "ckpt", 2, {"global_step": 2})
     save_model_weights(accelerator, model, out / "final", {"global_step": 2})
-    expected = [t.clone() for t in model.parameters()]
-    rand_after_save = torch.rand(3)
-    with torch.no_grad():
-        model.module.weight.add_(1.0)
+    expected, rand_after_save = snapshot(), torch.rand(3)
+    train(2)
+    assert latest_checkpoint(out / "ckpt") == path
     assert load_checkpoint(accelerator, path) == {"global_step": 2}
-    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), expected))
-    assert torch.equal(torch.rand(3), rand_after_save)
+    restored = snapshot()
+    assert restored.keys() == expected.keys()
+    assert all(torch.equal(restored[k], expected[k]) for k in expected), "weights differ"
+    assert torch.equal(torch.rand(3), rand_after_save), "RNG not restored"
     (out / f"rank{rank}.txt").write_text("ok")
-except Exception as err:
+except BaseException as err:
     (out / f"rank{rank}.txt").write_text(f"{type(err).__name__}: {err}")
     raise
 """
+CANONICAL_KEYS = {"0.weight", "0.bias", "2.weight", "2.bias"}
+
+
+def launch_two_ranks(tmp_path: Path, mode: str, launcher_args: list[str], env=None) -> None:
+    """Run TWO_RANK_CHILD on 2 processes; fail with each rank's report if any rank failed."""
+    script = tmp_path / "two_rank_child.py"
+    script.write_text(TWO_RANK_CHILD)
+    launch = ["accelerate", "launch", "--num_processes", "2", "--num_machines", "1"]
+    launch += ["--mixed_precision", "no", "--dynamo_backend", "no", *launcher_args]
+    launch += [str(script), str(tmp_path), mode]
+    result = subprocess.run(launch, capture_output=True, text=True, timeout=240, env=env)
+    reports = [tmp_path / f"rank{r}.txt" for r in range(2)]
+    reports = [p.read_text() if p.exists() else "no report" for p in reports]
+    assert reports == ["ok", "ok"], f"{reports}\n{result.stderr[-3000:]}"
+    assert result.returncode == 0
 
 
 @pytest.mark.slow
 @pytest.mark.dist
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(300)
 def test_two_rank_ddp_checkpoint_is_canonical_and_loads_in_one_process(tmp_path):
-    script = tmp_path / "ddp_child.py"
-    script.write_text(textwrap.dedent(DDP_CHILD))
-    launch = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
-    launch += ["--mixed_precision", "no", "--dynamo_backend", "no", str(script), str(tmp_path)]
-    result = subprocess.run(launch, capture_output=True, text=True, timeout=150)
-    reports = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
-    assert reports == ["ok", "ok"], result.stderr[-3000:]
-    assert result.returncode == 0
+    launch_two_ranks(tmp_path, "ddp", ["--multi_gpu"])
 
     path = tmp_path / "ckpt" / "step-00000002"
     assert {"random_states_0.pkl", "random_states_1.pkl"} <= {p.name for p in path.iterdir()}
-    assert set(load_file(path / "model.safetensors")) == {"weight", "bias"}
+    assert set(load_file(path / "model.safetensors")) == CANONICAL_KEYS
     exported, _ = load_model_weights(tmp_path / "final")
-    assert set(exported) == {"weight", "bias"}
+    assert set(exported) == CANONICAL_KEYS
 
     reset_accelerate()
     accelerator = Accelerator(cpu=True)
-    model = accelerator.prepare(torch.nn.Linear(4, 3))
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    model = accelerator.prepare(model)
     load_checkpoint(accelerator, path)
-    assert torch.equal(model.weight, exported["weight"])
+    assert_equal_nested(dict(model.state_dict()), exported)
     reset_accelerate()
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+@pytest.mark.deepspeed
+@pytest.mark.timeout(300)
+def test_two_rank_zero3_checkpoint_restores_exactly_and_exports_full_weights(tmp_path):
+    pytest.importorskip("deepspeed")
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    launch_two_ranks(tmp_path, "zero3", ["--use_deepspeed", "--zero_stage", "3"], env=env)
+
+    path = tmp_path / "ckpt" / "step-00000002"
+    assert (path / COMPLETE).exists() and (path / "pytorch_model").is_dir()
+    exported, meta = load_model_weights(tmp_path / "final")
+    assert set(exported) == CANONICAL_KEYS and meta == {"global_step": 2}
+    assert exported["0.weight"].shape == (8, 4)  # gathered, not a ZeRO-3 shard

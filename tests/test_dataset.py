@@ -14,6 +14,7 @@ from the_well.data import WellDataset
 from the_well.data.normalization import ZScoreNormalization
 from torch.utils.data import DataLoader
 
+from noa_dist.bench import read_throughput
 from noa_dist.data.dataset import WellWindowDataset, to_channels_first
 from noa_dist.data.schema import FieldSpec, load_stats
 from noa_dist.errors import ConfigError, DataError
@@ -221,20 +222,22 @@ def test_no_file_is_open_after_init_and_one_handle_is_reused(tiny_root):
 
 def test_forked_process_opens_its_own_handles(tiny_root):
     ds = WellWindowDataset(tiny_root, "train", timesteps=2)
-    parent_item = ds[0]  # the parent now holds an open handle that the child inherits
+    parent_item = ds[0]
+    inherited = ds._files[0]  # the child inherits this open handle and must not use it
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
 
     def child() -> None:
         item = ds[0]
-        queue.put((ds._pid == os.getpid(), torch.equal(item["u0"], parent_item["u0"])))
+        fresh = ds._files[0] is not inherited and ds._pid == os.getpid()
+        queue.put((fresh, torch.equal(item["u0"], parent_item["u0"])))
 
     process = ctx.Process(target=child)
     process.start()
-    reopened, same_values = queue.get(timeout=60)
+    fresh, same_values = queue.get(timeout=60)
     process.join(timeout=60)
-    assert reopened and same_values and process.exitcode == 0
-    assert ds._pid == os.getpid()
+    assert fresh and same_values and process.exitcode == 0
+    assert ds._files[0] is inherited  # the parent keeps its own
 
 
 def test_pickled_dataset_carries_no_handles(tiny_root):
@@ -256,3 +259,18 @@ def test_dataloader_with_two_workers_yields_every_sample_once(tiny_root):
     assert ds._files == {}  # the workers opened the files, not this process
     assert batches[0]["target"].shape == (3, 2, 3, 8, 6)
     torch.testing.assert_close(batches[-1]["u0"][-1], ds[len(ds) - 1]["u0"])
+
+
+def test_read_throughput_benchmark_prints_one_row_per_mode(tiny_root, capsys):
+    read_throughput.main(
+        [str(tiny_root), "--timesteps", "2", "--samples", "12", "--workers", "0,1"]
+    )
+    lines = capsys.readouterr().out.splitlines()
+    assert "12 windows of T=2" in lines[0]
+    assert lines[1].split() == ["mode", "samples/s", "MiB/s", "vs", "raw", "first", "batch", "s"]
+    assert [line.split()[:2] for line in lines[2:]] == [
+        ["raw", "h5py"],
+        ["WellWindowDataset", "workers=0"],
+        ["WellWindowDataset", "workers=1"],
+    ]
+    assert float(lines[2].split()[4]) > 0  # samples/s of "raw h5py (open once)"

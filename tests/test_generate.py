@@ -88,15 +88,14 @@ def test_constant_fields_carry_each_familys_coefficients(small_root):
 
 
 def _all_arrays(root: Path) -> dict[str, np.ndarray]:
+    """Every dataset of every shard, keyed by shard name and dataset path."""
     arrays = {}
     for path in sorted((root / "data").rglob("*.hdf5")):
         with h5py.File(path, "r") as f:
-            f.visititems(
-                lambda name, obj: (
-                    arrays.setdefault(f"{path.name}/{name}", obj[()])
-                    if isinstance(obj, h5py.Dataset)
-                    else None
-                )
+            names: list[str] = []
+            f.visit(names.append)
+            arrays.update(
+                {f"{path.name}/{n}": f[n][()] for n in names if isinstance(f[n], h5py.Dataset)}
             )
     return arrays
 

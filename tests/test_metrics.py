@@ -34,7 +34,9 @@ def test_vrmse_matches_the_well_on_random_fields():
     target_BTCHW[0, 1, 2] = 0.25  # a constant field: the variance is 0, only eps is left
     ours_BTC = vrmse(pred_BTCHW, target_BTCHW)
     theirs = VRMSE()(  # The Well is channels-last: [B, T, H, W, C]
-        pred_BTCHW.permute(0, 1, 3, 4, 2), target_BTCHW.permute(0, 1, 3, 4, 2), _well_metadata(16, 12)
+        pred_BTCHW.permute(0, 1, 3, 4, 2),
+        target_BTCHW.permute(0, 1, 3, 4, 2),
+        _well_metadata(16, 12),
     )
     assert ours_BTC.shape == (2, 4, 3)
     torch.testing.assert_close(ours_BTC, theirs)

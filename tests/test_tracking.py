@@ -118,11 +118,15 @@ def _scenario_two_ranks(out: Path) -> dict:
     }
 
 
-SCENARIOS = {
-    "offline_then_resume": _scenario_offline_then_resume,
-    "disabled": _scenario_disabled,
-    "two_ranks": _scenario_two_ranks,
-}
+def _scenario_single_process(out: Path) -> dict:
+    """Both single-process scenarios in one child: wandb's service starts only once."""
+    return {
+        "offline": _scenario_offline_then_resume(out / "offline"),
+        "disabled": _scenario_disabled(out / "disabled"),
+    }
+
+
+SCENARIOS = {"single_process": _scenario_single_process, "two_ranks": _scenario_two_ranks}
 
 
 def _child_env(wandb_dir: Path) -> dict[str, str]:
@@ -146,13 +150,20 @@ def _run_scenario(name: str, out: Path, launcher: list[str] | None = None) -> li
 
 
 @pytest.fixture(scope="module")
-def offline(tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp("offline")
-    (result,) = _run_scenario("offline_then_resume", out)
+def single_process(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("single_process")
+    (result,) = _run_scenario("single_process", out)
+    return {"out": out, **result}
+
+
+@pytest.fixture(scope="module")
+def offline(single_process) -> dict:
+    out = single_process["out"] / "offline"
     segments = wandb_offline.find_offline_runs(out / "run")
     return {
         "out": out,
-        "result": result,
+        "env_wandb_dir": single_process["out"] / "env_wandb_dir",
+        "result": single_process["offline"],
         "segments": segments,
         "runs": [wandb_offline.read_run(s) for s in segments],
     }
@@ -167,6 +178,11 @@ def clean_wandb_env(monkeypatch, tmp_path):
 
 
 # ------------------------------------------------------------------------- mode selection
+
+
+def test_online_without_credentials_is_refused_up_front(clean_wandb_env):
+    with pytest.raises(ConfigError, match="--wandb-mode=online: no W&B credentials"):
+        tracking.wandb_mode("online")
 
 
 def test_explicit_mode_wins_over_environment(clean_wandb_env, monkeypatch):
@@ -227,6 +243,7 @@ def test_new_run_ids_are_fresh_base36():
 def test_offline_run_reads_back_with_its_id_config_and_history(offline):
     first = offline["runs"][0]
     assert first.run_id == offline["result"]["run_id"]
+    assert (first.name, first.project) == ("segment-1", "noa-test")
     assert first.finished
     assert first.config["lr"] == 1e-3
     assert first.config["model"] == {"width": 32}
@@ -242,7 +259,7 @@ def test_offline_run_lands_in_run_dir_and_reports_its_location(offline):
     assert segment.parent == offline["out"] / "run" / "wandb"
     assert offline["result"]["location"] == str(segment)
     assert offline["result"]["location_after_finish"] == str(segment)
-    assert not any((offline["out"] / "env_wandb_dir").iterdir())  # run_dir beats WANDB_DIR
+    assert not any(offline["env_wandb_dir"].iterdir())  # run_dir beats WANDB_DIR
 
 
 def test_logged_figure_is_an_image_in_the_history_and_is_closed(offline):
@@ -305,11 +322,11 @@ def test_segments_started_within_one_second_sort_by_wandb_copy_number(tmp_path):
 # --------------------------------------------------------------------- disabled, two ranks
 
 
-def test_disabled_mode_writes_nothing_and_every_call_is_a_no_op(tmp_path):
-    (result,) = _run_scenario("disabled", tmp_path)
+def test_disabled_mode_writes_nothing_and_every_call_is_a_no_op(single_process):
+    result = single_process["disabled"]
     assert result["run_id"] is None and result["location"] is None
-    assert not (tmp_path / "run").exists()
-    assert not any((tmp_path / "env_wandb_dir").iterdir())
+    assert not (single_process["out"] / "disabled").exists()
+    assert not any((single_process["out"] / "env_wandb_dir").iterdir())
     assert "needs Accelerator(log_with=tracking.log_with('offline'))" in result["refused"]
 
 

@@ -42,10 +42,10 @@ def kept_mode_mask(
     Rows follow `fftfreq` order (0, 1, ..., -2, -1), so +k_y and -k_y are kept together.
     `modes=None` keeps every mode.
     """
-    k_y = (torch.fft.fftfreq(height, device=device) * height).round().abs()
-    k_x = (torch.fft.rfftfreq(width, device=device) * width).round()
     if modes is None:
         return torch.ones(height, width // 2 + 1, dtype=torch.bool, device=device)
+    k_y = (torch.fft.fftfreq(height, device=device) * height).round().abs()
+    k_x = (torch.fft.rfftfreq(width, device=device) * width).round()
     return (k_y <= modes)[:, None] & (k_x <= modes)[None, :]
 
 
@@ -115,7 +115,7 @@ class AFNO2D(nn.Module):
 
     def forward(self, x_BHWC: Tensor) -> Tensor:
         B, H, W, C = x_BHWC.shape
-        if C != self.channels:
+        if self.channels != C:
             raise ValueError(f"AFNO2D: expected {self.channels} channels last, got {C}")
         mask_HF = self.kept_modes(H, W)
         with torch.autocast(device_type=x_BHWC.device.type, enabled=False):
@@ -160,7 +160,9 @@ class AFNOBlock(nn.Module):
         )
         self.norm2 = nn.LayerNorm(channels)
         hidden = int(channels * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(channels, hidden), nn.GELU(), nn.Linear(hidden, channels))
+        self.mlp = nn.Sequential(
+            nn.Linear(channels, hidden), nn.GELU(), nn.Linear(hidden, channels)
+        )
 
     def forward(self, x_BHWC: Tensor) -> Tensor:
         h_BHWC = x_BHWC + self.filter(self.norm1(x_BHWC))

@@ -1,0 +1,55 @@
+"""Train under `accelerate launch` and dump, per rank, what the distributed tests compare.
+
+Usage: NOA_TEST_OUT=DIR accelerate launch ... tests/dist/train_worker.py [train.py flags]
+Writes DIR/rank<r>.pt: world size, final parameters, the dataset indices this rank
+trained on, the trainer state (history, skips) and why training stopped.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from noa_dist import train
+from noa_dist.config import load_config
+
+
+class RecordingLoader:
+    """Wraps the training DataLoader and records the dataset indices it serves."""
+
+    def __init__(self, loader, seen: list[int]) -> None:
+        self.loader, self.seen = loader, seen
+
+    def __iter__(self):
+        for batch in self.loader:
+            self.seen.extend(batch["index"].tolist())
+            yield batch
+
+
+def main() -> None:
+    out = Path(os.environ["NOA_TEST_OUT"])
+    trainer = train.prepare(load_config(sys.argv[1:]))
+    seen: list[int] = []
+    trainer.train_loader = RecordingLoader(trainer.train_loader, seen)
+    outcome = trainer.fit()
+    acc = trainer.accelerator
+    params = {k: v.detach().cpu().clone() for k, v in acc.unwrap_model(trainer.model).state_dict().items()}
+    torch.save(
+        {
+            "rank": acc.process_index,
+            "world_size": acc.num_processes,
+            "params": params,
+            "seen": seen,
+            "state": trainer.state.to_dict(),
+            "stopped_by": outcome.stopped_by,
+        },
+        out / f"rank{acc.process_index}.pt",
+    )
+    acc.wait_for_everyone()
+
+
+if __name__ == "__main__":
+    main()
