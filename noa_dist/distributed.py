@@ -134,3 +134,28 @@ def check_world(accelerator: Accelerator) -> None:
             f"{accelerator.num_processes} processes but no data-parallel wrapper: gradients would not be "
             "synchronised. Launch with `accelerate launch --multi_gpu` (DDP) or `--use_deepspeed`."
         )
+
+
+def configure_deepspeed(accelerator: Accelerator, *, micro_batch_size: int, gradient_clipping: float) -> None:
+    """Fill what DeepSpeed cannot infer: we don't pass a dataloader to prepare (our sampler
+    shards by rank itself), and ZeRO's global overflow skip needs gradient_clipping set."""
+    if not uses_deepspeed(accelerator):
+        return
+    ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+    if ds_config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+        ds_config["train_micro_batch_size_per_gpu"] = micro_batch_size
+    if ds_config.get("gradient_clipping", "auto") == "auto":
+        ds_config["gradient_clipping"] = gradient_clipping
+    if ds_config.get("train_batch_size") == "auto":
+        ds_config["train_batch_size"] = (
+            micro_batch_size * accelerator.gradient_accumulation_steps * accelerator.num_processes
+        )
+
+
+def discard_gradients(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Drop accumulated gradients after a skip (DeepSpeed's wrapper makes zero_grad a no-op)."""
+    engine_optimizer = getattr(model, "optimizer", None)  # a DeepSpeedEngine's ZeRO optimizer
+    if engine_optimizer is not None and hasattr(engine_optimizer, "zero_grad"):
+        engine_optimizer.zero_grad(set_to_none=True)
+    else:
+        optimizer.zero_grad(set_to_none=True)

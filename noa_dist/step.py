@@ -33,11 +33,25 @@ class Update:
     stop: bool = False  # some rank was asked to stop (agreed in the same all-reduce)
 
 
-def _inject(value: torch.Tensor, injection: NanInjection | None, rank: int, step: int, target: str):
+class _PoisonGradient(torch.autograd.Function):
+    """Identity forward, NaN gradient backward: a non-finite gradient with a finite loss."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+def _inject(pred: torch.Tensor, loss_fn, injection: NanInjection | None, rank: int, step: int):
     """Debug fault injection (--debug-inject-nan RANK:STEP[:loss|grad]); step is 1-based."""
-    if injection and injection.target == target and injection.rank == rank and injection.step == step:
-        return value * float("nan")
-    return value
+    if not (injection and injection.rank == rank and injection.step == step):
+        return loss_fn(pred)
+    if injection.target == "grad":
+        return loss_fn(_PoisonGradient.apply(pred))
+    return loss_fn(pred) * float("nan")
 
 
 def forward_backward(
@@ -57,8 +71,9 @@ def forward_backward(
     total = torch.zeros((), device=u0.device)
     windows = iter_windows(lambda u: model(u, cond), u0, n_steps, bptt_window, tbptt_mode)
     for window in windows:
-        loss = trajectory_mse(window.pred_BTCHW, target[:, window.start : window.stop])
-        loss = _inject(loss, injection, accelerator.process_index, step_number, "loss")
+        window_target = target[:, window.start : window.stop]
+        loss = _inject(window.pred_BTCHW, lambda p: trajectory_mse(p, window_target),  # noqa: B023
+                       injection, accelerator.process_index, step_number)
         if not distributed.all_finite(accelerator, loss):  # sync point: one all-reduce per window
             windows.close()
             return MicroStep(loss=loss.detach(), finite=False)
@@ -76,28 +91,28 @@ def apply_update(
     *,
     max_grad_norm: float,
     loss_finite: bool,
-    step_number: int,
     stop_requested: bool = False,
-    injection: NanInjection | None = None,
 ) -> Update:
     """Clip, then step optimizer and scheduler only if every rank's gradients are finite.
 
-    On a skip the gradients are left in place for `describe_skip`; the caller zeroes them.
+    On a skip the gradients are left in place for `describe_skip`; the caller discards them.
+    Under DeepSpeed the engine has already clipped and stepped inside `accelerator.backward`
+    (ZeRO's global overflow check skips a non-finite step on every rank); we read its verdict.
     """
     if not loss_finite:
         stop = distributed.any_rank(accelerator, stop_requested)[0]  # sync point
         return Update(applied=False, grad_norm=torch.full((), float("nan")), reason="loss", stop=stop)
-    if injection and injection.target == "grad":
-        for p in model.parameters():
-            if p.grad is not None:
-                p.grad.copy_(_inject(p.grad, injection, accelerator.process_index, step_number, "grad"))
-                break
-    grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+    if distributed.uses_deepspeed(accelerator):
+        grad_norm = torch.tensor(float(accelerator.clip_grad_norm_(model.parameters(), max_grad_norm) or 0.0))
+        overflow = optimizer.step_was_skipped
+    else:
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+        overflow = distributed.nonfinite(grad_norm)
     # sync point: one all-reduce carries both decisions
-    bad_grads, stop = distributed.any_rank(accelerator, distributed.nonfinite(grad_norm), stop_requested)
+    bad_grads, stop = distributed.any_rank(accelerator, overflow, stop_requested)
     if bad_grads:
         return Update(applied=False, grad_norm=grad_norm.detach(), reason="grad", stop=stop)
-    optimizer.step()
+    optimizer.step()  # a no-op under DeepSpeed (the engine stepped in backward)
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return Update(applied=True, grad_norm=grad_norm.detach(), stop=stop)
@@ -110,6 +125,9 @@ def describe_skip(accelerator: Accelerator, model: torch.nn.Module, update: Upda
     """
     if update.reason == "loss":
         local = {"rank": accelerator.process_index, "loss": float(loss)}
+    elif distributed.uses_deepspeed(accelerator):
+        return ("non-finite gradients: DeepSpeed's global overflow check skipped the step on every rank "
+                "(ZeRO partitions gradients; run noa-diagnose on the last checkpoint to name the parameters)")
     else:
         local = {"rank": accelerator.process_index, "params": distributed.nonfinite_grad_names(model)}
     reports = distributed.gather_reports(accelerator, local)

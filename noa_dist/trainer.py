@@ -16,13 +16,13 @@ import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
 
-from noa_dist import checkpoint, plots, report, tracking
+from noa_dist import checkpoint, distributed, plots, report, tracking
 from noa_dist.config import Config, parse_nan_injection
 from noa_dist.data.dataset import WellWindowDataset
 from noa_dist.data.sampler import DistributedBatchSampler, ShardedEvalSampler
 from noa_dist.errors import ConfigError, NoaError
 from noa_dist.evaluate import ValResult, evaluate
-from noa_dist.models import UAFNO
+from noa_dist.models.build import build_model
 from noa_dist.schedule import build_scheduler
 from noa_dist.state import TrainState
 from noa_dist.step import Update, apply_update, describe_skip, forward_backward
@@ -98,13 +98,11 @@ class Trainer:
     def _build_model(self) -> None:
         m, o = self.cfg.model, self.cfg.optim
         torch.manual_seed(self.cfg.train.seed)  # identical initial weights on every rank
-        model = UAFNO(
-            in_channels=self.train_set.n_channels, cond_channels=self.train_set.n_cond_channels,
-            base_channels=m.base_channels, encoder_levels=m.encoder_levels, modes=m.modes,
-            afno_blocks=m.afno_blocks, afno_num_blocks=m.afno_num_blocks,
-        )
+        model = build_model(m, in_channels=self.train_set.n_channels, cond_channels=self.train_set.n_cond_channels)
         self.n_params = sum(p.numel() for p in model.parameters())
         optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+        distributed.configure_deepspeed(self.accelerator, micro_batch_size=self.cfg.data.batch_size,
+                                        gradient_clipping=o.max_grad_norm)
         scheduler = build_scheduler(optimizer, warmup_steps=o.warmup_steps,
                                     total_steps=self.total_steps(), schedule=o.lr_schedule)
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
@@ -182,8 +180,7 @@ class Trainer:
                 continue
             update = apply_update(
                 acc, self.model, self.optimizer, self.scheduler, max_grad_norm=self.cfg.optim.max_grad_norm,
-                loss_finite=loss_finite, step_number=st.global_step + 1,
-                stop_requested=self.stop.requested, injection=self.injection,
+                loss_finite=loss_finite, stop_requested=self.stop.requested,
             )
             loss_finite = True
             stop = self._after_update(update, micro.loss, meter, micro_per_epoch)
@@ -222,7 +219,7 @@ class Trainer:
         st.consecutive_skips += 1
         st.history["skipped"].append(st.global_step)
         why = describe_skip(self.accelerator, self.model, update, loss)  # collective, rare path
-        self.optimizer.zero_grad(set_to_none=True)
+        distributed.discard_gradients(self.model, self.optimizer)
         self.accelerator.print(f"Warning: NaN/Inf at step {st.global_step}, skipping update on all ranks: {why}")
 
     def _abort_after_skips(self) -> None:

@@ -66,6 +66,7 @@ def write_shard(
     fields: tuple[TinyField, ...] = DEFAULT_FIELDS,
     first_traj: int = 0,
     dataset_name: str = "tiny",
+    compression: str | None = None,
 ) -> dict[str, np.ndarray]:
     """Write one conforming shard; returns the stored arrays by field name."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -96,7 +97,7 @@ def write_shard(
             group.attrs["field_names"] = [fl.name for fl in fields if fl.order == order]
             for fl in (fl for fl in fields if fl.order == order):
                 arrays[fl.name] = field_values(fl, first_traj, n_traj, n_steps, grid)
-                ds = group.create_dataset(fl.name, data=arrays[fl.name])
+                ds = group.create_dataset(fl.name, data=arrays[fl.name], compression=compression)
                 ds.attrs.update(
                     dim_varying=list(fl.dim_varying),
                     sample_varying=fl.sample_varying,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import TinyField, write_root
+from conftest import TinyField, write_root, write_shard
 from the_well.data import WellDataset
 from the_well.data.normalization import ZScoreNormalization
 from torch.utils.data import DataLoader
@@ -263,14 +263,35 @@ def test_dataloader_with_two_workers_yields_every_sample_once(tiny_root):
 
 def test_read_throughput_benchmark_prints_one_row_per_mode(tiny_root, capsys):
     read_throughput.main(
-        [str(tiny_root), "--timesteps", "2", "--samples", "12", "--workers", "0,1"]
+        [
+            str(tiny_root),
+            "--timesteps",
+            "2",
+            "--samples",
+            "12",
+            "--workers",
+            "0,1",
+            "--repeats",
+            "1",
+        ]
     )
     lines = capsys.readouterr().out.splitlines()
     assert "12 windows of T=2" in lines[0]
     assert lines[1].split() == ["mode", "samples/s", "MiB/s", "vs", "raw", "first", "batch", "s"]
     assert [line.split()[:2] for line in lines[2:]] == [
         ["raw", "h5py"],
+        ["dataset[i],", "no"],
         ["WellWindowDataset", "workers=0"],
         ["WellWindowDataset", "workers=1"],
     ]
     assert float(lines[2].split()[4]) > 0  # samples/s of "raw h5py (open once)"
+
+
+def test_compressed_shard_reads_the_same_values(tiny_root):
+    plain = WellWindowDataset(tiny_root, "train", 2)[4]
+    write_shard(tiny_root / "data" / "train" / "shard_000.hdf5", compression="lzf")
+    ds = WellWindowDataset(tiny_root, "train", 2)
+    assert [s.compressed for s in ds.info.shards] == [True, False]
+    item = ds[4]
+    for key in ("u0", "target", "cond"):
+        torch.testing.assert_close(item[key], plain[key])

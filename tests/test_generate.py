@@ -13,6 +13,7 @@ import pytest
 from noa_dist.data.cli import main
 from noa_dist.data.generate import (
     FAMILIES,
+    GeneratorSettings,
     build_layout,
     generate_dataset,
     plan_trajectories,
@@ -133,7 +134,7 @@ def test_realizations_share_initial_state_and_parameters_but_not_noise(tmp_path)
 
 
 def test_every_split_gets_every_family_and_realizations_stay_together():
-    plan = plan_trajectories(60, FAMILIES, (0.8, 0.1, 0.1), 2, seed=0, grid=16, timesteps=2)
+    plan = plan_trajectories(GeneratorSettings(n_trajectories=60, n_realizations=2))
     assert [len(plan[s]) for s in ("train", "valid", "test")] == [48, 6, 6]
     ic_splits = {}
     for split, specs in plan.items():

@@ -94,6 +94,10 @@ SHARD_BREAKAGES = {
         lambda f: f.attrs.__delitem__("n_trajectories"),
         ["/: missing attrs ['n_trajectories']"],
     ),
+    "non-integer attr": (
+        lambda f: f.attrs.__setitem__("n_spatial_dims", "two"),
+        ["/: attr n_spatial_dims='two', expected an integer"],
+    ),
     "missing group": (lambda f: f.__delitem__("scalars"), ["/: missing groups ['scalars']"]),
     "missing field attr": (
         lambda f: f["t1_fields/velocity"].attrs.__delitem__("time_varying"),

@@ -43,23 +43,23 @@ def test_channel_growth_stops_at_cap():
 
 def test_zero_initialised_head_makes_untrained_model_persistence():
     model = _small(cond_channels=1)
-    u_BCHW = torch.randn(2, 2, 32, 32)
-    assert torch.equal(model.single_step(u_BCHW, torch.randn(2, 1, 32, 32)), u_BCHW)
+    u_BCHW = torch.randn(1, 2, 16, 16)
+    assert torch.equal(model.single_step(u_BCHW, torch.randn(1, 1, 16, 16)), u_BCHW)
 
 
 def test_conditioning_fields_change_the_prediction():
     model = _randomize_head(_small(cond_channels=1))
-    u_BCHW = torch.randn(2, 2, 32, 32)
-    out = model(u_BCHW, torch.zeros(2, 1, 32, 32))
-    assert (model(u_BCHW, torch.randn(2, 1, 32, 32)) - out).abs().max() > 1e-2
+    u_BCHW = torch.randn(1, 2, 16, 16)
+    out = model(u_BCHW, torch.zeros(1, 1, 16, 16))
+    assert (model(u_BCHW, torch.randn(1, 1, 16, 16)) - out).abs().max() > 1e-2
     # a spatially uniform field too (an InstanceNorm right after the stem would erase it)
-    assert (model(u_BCHW, torch.ones(2, 1, 32, 32)) - out).abs().max() > 1e-2
+    assert (model(u_BCHW, torch.ones(1, 1, 16, 16)) - out).abs().max() > 1e-2
 
 
 def test_increment_depends_on_state_level_and_amplitude():
     """The prototype's stem conv -> InstanceNorm made net(a*u + b) == net(u): no physics."""
     model = _randomize_head(_small())
-    u_BCHW = torch.randn(1, 2, 32, 32)
+    u_BCHW = torch.randn(1, 2, 16, 16)
     with torch.no_grad():
         delta = model(u_BCHW) - u_BCHW
         delta_affine = model(2 * u_BCHW + 1) - (2 * u_BCHW + 1)
@@ -68,17 +68,17 @@ def test_increment_depends_on_state_level_and_amplitude():
 
 def test_rollout_stacks_repeated_single_steps():
     model = _randomize_head(_small())
-    u0_BCHW = torch.randn(1, 2, 32, 32)
+    u0_BCHW = torch.randn(1, 2, 16, 16)
     with torch.no_grad():
         states_BTCHW = model.rollout(u0_BCHW, steps=3)
         expected = model(model(model(u0_BCHW)))
-    assert states_BTCHW.shape == (1, 3, 2, 32, 32)
+    assert states_BTCHW.shape == (1, 3, 2, 16, 16)
     torch.testing.assert_close(states_BTCHW[:, -1], expected)
 
 
 def test_head_gets_gradient_at_init_and_every_parameter_after():
     model = _small(cond_channels=1)
-    u_BCHW, cond_BCHW = torch.randn(2, 2, 32, 32), torch.randn(2, 1, 32, 32)
+    u_BCHW, cond_BCHW = torch.randn(1, 2, 16, 16), torch.randn(1, 1, 16, 16)
     model(u_BCHW, cond_BCHW).square().mean().backward()
     assert model.head.weight.grad.abs().sum() > 0  # so the first update can leave persistence
     model.zero_grad()
@@ -90,7 +90,7 @@ def test_head_gets_gradient_at_init_and_every_parameter_after():
 
 def test_output_rolls_with_input_for_shifts_on_the_coarse_lattice():
     model = _randomize_head(_small(cond_channels=1)).eval()
-    u_BCHW, cond_BCHW = torch.randn(1, 2, 64, 64), torch.randn(1, 1, 64, 64)
+    u_BCHW, cond_BCHW = torch.randn(1, 2, 32, 32), torch.randn(1, 1, 32, 32)
     shift, dims = (8, -16), (2, 3)  # multiples of 2**encoder_levels
     with torch.no_grad():
         out = model(u_BCHW, cond_BCHW)

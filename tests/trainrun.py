@@ -42,7 +42,7 @@ def free_port() -> int:
 
 def env_for_test(out: Path) -> dict[str, str]:
     env = dict(os.environ, NOA_TEST_OUT=str(out), OMP_NUM_THREADS="1", WANDB_MODE="disabled",
-               PYTHONUNBUFFERED="1")
+               PYTHONUNBUFFERED="1", DS_ACCELERATOR="cpu")
     env.pop("WORLD_SIZE", None)
     return env
 
@@ -50,7 +50,9 @@ def env_for_test(out: Path) -> dict[str, str]:
 def launch_command(n_procs: int, script: Path, args: list[str], extra_launch: list[str] = ()) -> list[str]:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no"]
-    if n_procs > 1:
+    if "--use_deepspeed" in extra_launch:
+        cmd += ["--num_processes", str(n_procs), "--main_process_port", str(free_port())]
+    elif n_procs > 1:
         cmd += ["--multi_gpu", "--num_processes", str(n_procs), "--main_process_port", str(free_port())]
     else:
         cmd += ["--num_processes", "1"]
@@ -73,6 +75,17 @@ def launch(n_procs: int, args: list[str], out: Path, *, timeout: float = 300, sc
     if proc.returncode != 0:
         raise AssertionError(f"launch failed ({proc.returncode}):\n{stdout[-6000:]}")
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, "")
+
+
+def zero_launch(stage: int) -> list[str]:
+    """accelerate launch flags for DeepSpeed ZeRO on CPU (the trainer adds gloo and DS_ACCELERATOR)."""
+    flags = ["--use_deepspeed", "--zero_stage", str(stage), "--gradient_clipping", "1.0"]
+    return flags + (["--zero3_save_16bit_model", "true"] if stage == 3 else [])
+
+
+def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
 
 
 def launch_and_kill_when(n_procs: int, args: list[str], out: Path, marker: str, *, timeout: float = 300) -> str:

@@ -36,7 +36,9 @@ def main() -> None:
     trainer.train_loader = RecordingLoader(trainer.train_loader, seen)
     outcome = trainer.fit()
     acc = trainer.accelerator
-    params = {k: v.detach().cpu().clone() for k, v in acc.unwrap_model(trainer.model).state_dict().items()}
+    # get_state_dict gathers ZeRO-3 partitions (a collective: every rank calls it)
+    state_dict = acc.get_state_dict(trainer.model) or {}  # None off the main process under ZeRO-3
+    params = {k: v.detach().cpu().float().clone() for k, v in state_dict.items()}
     torch.save(
         {
             "rank": acc.process_index,

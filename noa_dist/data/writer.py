@@ -1,0 +1,219 @@
+"""Write Well-format HDF5 shards and stats.yaml files, each atomically.
+
+One shard holds `n_trajectories` trajectories of a 2D periodic cartesian dataset:
+
+    attrs: dataset_name, grid_type="cartesian", n_spatial_dims=2, n_trajectories,
+           simulation_parameters=[names], and one attr per parameter holding the
+           per-trajectory values [n_traj] (our parameters vary between trajectories)
+    dimensions/{time [T], x [N], y [N]}      spatial_dims=["x", "y"]
+    boundary_conditions/{x_periodic, y_periodic}   bc_type="PERIODIC", mask True at both ends
+    scalars/<name> [n_traj]                  sample_varying=True, time_varying=False;
+                                             float32, or int64 for codes and ids
+    t{0,1,2}_fields/<name>                   [n_traj, T, N, N, (2,)*order] if time_varying
+                                             else [n_traj, N, N, (2,)*order]; float32
+
+Time-varying fields are chunked one trajectory per chunk (1, T, N, N, ...) so any time
+window of one trajectory is a single contiguous read; a chunk larger than 32 MiB is cut
+along time into the largest k frames that fit. A shard is written to `<name>.tmp` (which the
+Well's `*.hdf5` glob ignores) and renamed only once complete.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import h5py
+import numpy as np
+import yaml
+
+from noa_dist.errors import DataError
+
+CHUNK_LIMIT_BYTES = 32 * 2**20
+COMPRESSIONS = ("none", "lzf", "gzip")
+SPATIAL_DIMS = ("x", "y")
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """One field of the dataset: its tensor order (0 scalar, 1 vector, 2 tensor)."""
+
+    name: str
+    order: int
+    time_varying: bool
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """Everything shared by all shards of one dataset."""
+
+    dataset_name: str
+    fields: tuple[FieldSpec, ...]
+    scalar_names: tuple[str, ...]
+    simulation_parameters: tuple[str, ...]
+    integer_scalars: tuple[str, ...]  # stored as int64 (codes, ids); the rest float32
+    time: np.ndarray  # [T]
+    x: np.ndarray  # [N]
+    y: np.ndarray  # [N]
+    compression: str = "none"
+
+    def field_shape(self, field: FieldSpec) -> tuple[int, ...]:
+        """Shape of one trajectory of `field` (without the leading trajectory axis)."""
+        time_axis = (len(self.time),) if field.time_varying else ()
+        return (*time_axis, len(self.x), len(self.y), *(len(SPATIAL_DIMS),) * field.order)
+
+
+@dataclass(frozen=True)
+class Trajectory:
+    """One simulated trajectory: arrays shaped as `ShardLayout.field_shape`, scalar values."""
+
+    fields: dict[str, np.ndarray]
+    scalars: dict[str, float]
+
+
+def chunk_shape(
+    trajectory_shape: tuple[int, ...], time_varying: bool, itemsize: int = 4
+) -> tuple[int, ...]:
+    """(1, k, ...) with the largest k <= T whose chunk fits CHUNK_LIMIT_BYTES; (1, ...) if constant."""
+    if not time_varying:
+        return (1, *trajectory_shape)
+    n_frames, frame_shape = trajectory_shape[0], trajectory_shape[1:]
+    frame_bytes = itemsize * int(np.prod(frame_shape))
+    k = max(1, min(n_frames, CHUNK_LIMIT_BYTES // frame_bytes))
+    return (1, k, *frame_shape)
+
+
+def _compression_kwargs(compression: str) -> dict[str, Any]:
+    if compression not in COMPRESSIONS:
+        raise DataError(f"compression={compression!r}: expected one of {', '.join(COMPRESSIONS)}")
+    return {} if compression == "none" else {"compression": compression}
+
+
+class ShardWriter:
+    """Context manager filling one shard trajectory by trajectory; renamed on clean exit."""
+
+    def __init__(self, path: Path, layout: ShardLayout, n_trajectories: int):
+        self.path = Path(path)
+        self.tmp_path = self.path.with_name(self.path.name + ".tmp")
+        self.layout = layout
+        self.n_trajectories = n_trajectories
+        self._file: h5py.File | None = None
+
+    def __enter__(self) -> ShardWriter:
+        self._file = h5py.File(self.tmp_path, "w")
+        self._write_header(self._file)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        assert self._file is not None
+        if exc_type is None:
+            self._write_parameter_attrs(self._file)
+        self._file.close()
+        if exc_type is None:
+            os.replace(self.tmp_path, self.path)
+        else:
+            self.tmp_path.unlink(missing_ok=True)
+
+    def write(self, index: int, trajectory: Trajectory) -> None:
+        """Store `trajectory` as row `index` of every field and scalar dataset."""
+        assert self._file is not None
+        for field in self.layout.fields:
+            array = trajectory.fields.get(field.name)
+            expected = self.layout.field_shape(field)
+            if array is None or array.shape != expected:
+                got = None if array is None else array.shape
+                raise DataError(
+                    f"{self.path}: field {field.name!r} has shape {got}, expected {expected}"
+                )
+            self._file[f"t{field.order}_fields/{field.name}"][index] = array.astype(np.float32)
+        for name in self.layout.scalar_names:
+            self._file[f"scalars/{name}"][index] = trajectory.scalars[name]
+
+    def _write_header(self, f: h5py.File) -> None:
+        f.attrs["dataset_name"] = self.layout.dataset_name
+        f.attrs["grid_type"] = "cartesian"
+        f.attrs["n_spatial_dims"] = len(SPATIAL_DIMS)
+        f.attrs["n_trajectories"] = self.n_trajectories
+        f.attrs["simulation_parameters"] = list(self.layout.simulation_parameters)
+        self._write_dimensions(f.create_group("dimensions"))
+        self._write_boundary_conditions(f.create_group("boundary_conditions"))
+        self._create_scalars(f.create_group("scalars"))
+        for order in range(3):
+            self._create_fields(f.create_group(f"t{order}_fields"), order)
+
+    def _write_dimensions(self, group: h5py.Group) -> None:
+        group.attrs["spatial_dims"] = list(SPATIAL_DIMS)
+        arrays = {"time": self.layout.time, "x": self.layout.x, "y": self.layout.y}
+        for name, values in arrays.items():
+            dset = group.create_dataset(name, data=np.asarray(values, dtype=np.float32))
+            dset.attrs["sample_varying"] = False
+            dset.attrs["time_varying"] = name == "time"
+
+    def _write_boundary_conditions(self, group: h5py.Group) -> None:
+        for dim, coords in zip(SPATIAL_DIMS, (self.layout.x, self.layout.y), strict=True):
+            bc = group.create_group(f"{dim}_periodic")
+            bc.attrs["associated_dims"] = [dim]
+            bc.attrs["associated_fields"] = []
+            bc.attrs["bc_type"] = "PERIODIC"
+            bc.attrs["sample_varying"] = False
+            bc.attrs["time_varying"] = False
+            mask = np.zeros(len(coords), dtype=bool)
+            mask[[0, -1]] = True  # the boundary sits at both ends of the axis
+            bc.create_dataset("mask", data=mask)
+
+    def _create_scalars(self, group: h5py.Group) -> None:
+        group.attrs["field_names"] = list(self.layout.scalar_names)
+        for name in self.layout.scalar_names:
+            dtype = np.int64 if name in self.layout.integer_scalars else np.float32
+            dset = group.create_dataset(name, shape=(self.n_trajectories,), dtype=dtype)
+            dset.attrs["sample_varying"] = True
+            dset.attrs["time_varying"] = False
+
+    def _create_fields(self, group: h5py.Group, order: int) -> None:
+        fields = [f for f in self.layout.fields if f.order == order]
+        group.attrs["field_names"] = [f.name for f in fields]
+        for field in fields:
+            shape = self.layout.field_shape(field)
+            dset = group.create_dataset(
+                field.name,
+                shape=(self.n_trajectories, *shape),
+                dtype=np.float32,
+                chunks=chunk_shape(shape, field.time_varying),
+                **_compression_kwargs(self.layout.compression),
+            )
+            dset.attrs["dim_varying"] = [True] * len(SPATIAL_DIMS)
+            dset.attrs["sample_varying"] = True
+            dset.attrs["time_varying"] = field.time_varying
+
+    def _write_parameter_attrs(self, f: h5py.File) -> None:
+        for name in self.layout.simulation_parameters:
+            f.attrs[name] = f[f"scalars/{name}"][:]
+
+
+def _to_builtin(value: Any) -> Any:
+    """numpy arrays/scalars -> plain floats and nested lists (what yaml.safe_dump accepts)."""
+    if isinstance(value, dict):
+        return {str(k): _to_builtin(v) for k, v in value.items()}
+    if isinstance(value, np.ndarray | np.generic):
+        return np.asarray(value, dtype=np.float64).tolist()
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return [_to_builtin(v) for v in value]
+    return float(value)
+
+
+def write_stats_yaml(path: Path, stats: dict[str, dict[str, Any]]) -> Path:
+    """Write the Well's stats.yaml ({stat: {field: value}}) via a temporary file and rename."""
+    path = Path(path)
+    tmp_path = path.with_name(path.name + ".tmp")
+    tmp_path.write_text(yaml.safe_dump(_to_builtin(stats), sort_keys=True))
+    os.replace(tmp_path, path)
+    return path
