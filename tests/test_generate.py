@@ -256,3 +256,13 @@ def test_a_failed_shard_names_the_field_and_leaves_no_file(tmp_path):
     ):
         writer.write(0, Trajectory(fields={"u": np.zeros((2, 8, 8))}, scalars={}))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_shard_missing_trajectories_is_discarded(tmp_path):
+    layout = build_layout(grid=8, timesteps=2, compression="none")
+    with (
+        pytest.raises(DataError, match="only 0 of 1 trajectories"),
+        ShardWriter(tmp_path / "s.hdf5", layout, 1),
+    ):
+        pass
+    assert list(tmp_path.iterdir()) == []

@@ -1,4 +1,10 @@
-"""DeepSpeed ZeRO-2/3 on two CPU processes (gloo): skip-together, resume, agreement with DDP."""
+"""DeepSpeed ZeRO-2/3 on two CPU processes (gloo): skip-together, resume, agreement with DDP.
+
+Per stage, four real launches are shared by the tests: a straight run whose step 3 gets a
+NaN gradient on rank 1, the same run with a NaN loss at step 3 instead (skipped before
+backward: the reference for "as if the step never happened"), and a run stopped at step 4
+then resumed with --resume auto.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +20,9 @@ from trainrun import (
 )
 
 pytest.importorskip("deepspeed")
-pytestmark = [pytest.mark.dist, pytest.mark.slow, pytest.mark.deepspeed, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.dist, pytest.mark.slow, pytest.mark.deepspeed, pytest.mark.timeout(1200)]
+
+GRAD_NAN = ["--debug-inject-nan", "1:3:grad"]
 
 
 @pytest.fixture(scope="module")
@@ -28,40 +36,47 @@ def run(dataset, out, stage: int | None, *extra: str) -> list[dict]:
     return rank_results(out, 2)
 
 
+@pytest.fixture(scope="module", params=[2, 3], ids=["zero2", "zero3"])
+def zero(request, dataset, tmp_path_factory):
+    stage = request.param
+    out = tmp_path_factory.mktemp(f"zero{stage}")
+    runs = {"stage": stage}
+    runs["grad_nan"] = run(dataset, out / "grad", stage, *GRAD_NAN)
+    runs["loss_nan"] = run(dataset, out / "loss", stage, "--debug-inject-nan", "1:3:loss")
+    resume_flags = ["--run-name", "resumed", *GRAD_NAN]
+    runs["first"] = run(dataset, out / "first", stage, *resume_flags, "--stop-at-step", "4")
+    runs["resumed"] = run(dataset, out / "first", stage, *resume_flags, "--resume", "auto")
+    return runs
+
+
 @pytest.fixture(scope="module")
-def ddp_reference(dataset, tmp_path_factory):
-    return run(dataset, tmp_path_factory.mktemp("ddp"), None)
+def ddp_grad_nan(dataset, tmp_path_factory):
+    return run(dataset, tmp_path_factory.mktemp("ddp"), None, *GRAD_NAN)
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_zero_nan_gradient_on_one_rank_skips_on_all_ranks_like_a_skipped_step(dataset, tmp_path, stage):
-    grad_nan = run(dataset, tmp_path / "grad", stage, "--debug-inject-nan", "1:3:grad")
-    for r in grad_nan:
-        assert r["state"]["history"]["skipped"] == [3] and r["state"]["applied_steps"] == 5
-    # The reference: the same run whose step 3 is skipped before backward (non-finite loss).
-    loss_nan = run(dataset, tmp_path / "loss", stage, "--debug-inject-nan", "1:3:loss")
-    assert loss_nan[0]["state"]["history"]["skipped"] == [3]
-    assert_same_params(grad_nan[0]["params"], loss_nan[0]["params"])
-    if stage == 2:  # ZeRO-2 keeps full parameters on every rank
-        assert_same_params(grad_nan[0]["params"], grad_nan[1]["params"])
+def test_zero_nan_gradient_on_one_rank_skips_the_step_on_all_ranks(zero):
+    for r in zero["grad_nan"]:
+        assert r["state"]["history"]["skipped"] == [3]
+        assert r["state"]["applied_steps"] == 5 and r["state"]["global_step"] == 6
+    if zero["stage"] == 2:  # ZeRO-2 keeps full parameters on every rank
+        assert_same_params(zero["grad_nan"][0]["params"], zero["grad_nan"][1]["params"])
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_zero_stop_and_resume_matches_a_straight_run(dataset, tmp_path, stage):
-    straight = run(dataset, tmp_path / "straight", stage)
-    flags = ["--run-name", "resumed"]
-    run(dataset, tmp_path / "first", stage, *flags, "--stop-at-step", "3")
-    resumed = run(dataset, tmp_path / "first", stage, *flags, "--resume", "auto")
-    assert resumed[0]["state"]["global_step"] == 6
-    diff = max_abs_diff(straight[0]["params"], resumed[0]["params"])
-    print(f"ZeRO-{stage} resume vs straight: max abs diff {diff:.3e}")
-    assert diff == 0.0
-    assert resumed[0]["state"]["history"]["train_loss"] == straight[0]["state"]["history"]["train_loss"]
+def test_zero_overflow_skip_leaves_the_same_parameters_as_skipping_before_backward(zero):
+    assert zero["loss_nan"][0]["state"]["history"]["skipped"] == [3]
+    assert_same_params(zero["grad_nan"][0]["params"], zero["loss_nan"][0]["params"])
 
 
-def test_ddp_zero2_zero3_reach_the_same_parameters(dataset, tmp_path, ddp_reference):
-    for stage in (2, 3):
-        zero = run(dataset, tmp_path / f"zero{stage}", stage)
-        diff = max_abs_diff(ddp_reference[0]["params"], zero[0]["params"])
-        print(f"DDP vs ZeRO-{stage}: max abs diff {diff:.3e}")
-        assert diff < 1e-5
+def test_zero_stop_and_resume_is_bitwise_identical_to_a_straight_run(zero):
+    assert zero["first"][0]["stopped_by"] == "stop-at-step"
+    resumed, straight = zero["resumed"][0], zero["grad_nan"][0]
+    assert resumed["state"]["global_step"] == 6
+    assert_same_params(straight["params"], resumed["params"])
+    assert resumed["state"]["history"]["train_loss"] == straight["state"]["history"]["train_loss"]
+    assert resumed["state"]["history"]["skipped"] == [3]
+
+
+def test_ddp_and_zero_reach_the_same_parameters(zero, ddp_grad_nan):
+    diff = max_abs_diff(ddp_grad_nan[0]["params"], zero["grad_nan"][0]["params"])
+    print(f"DDP vs ZeRO-{zero['stage']}: max abs parameter difference {diff:.3e}")
+    assert diff < 1e-5

@@ -102,6 +102,7 @@ class ShardWriter:
         self.layout = layout
         self.n_trajectories = n_trajectories
         self._file: h5py.File | None = None
+        self._written: set[int] = set()
 
     def __enter__(self) -> ShardWriter:
         self._file = h5py.File(self.tmp_path, "w")
@@ -115,13 +116,19 @@ class ShardWriter:
         tb: TracebackType | None,
     ) -> None:
         assert self._file is not None
-        if exc_type is None:
+        complete = exc_type is None and len(self._written) == self.n_trajectories
+        if complete:
             self._write_parameter_attrs(self._file)
         self._file.close()
-        if exc_type is None:
+        if complete:
             os.replace(self.tmp_path, self.path)
-        else:
-            self.tmp_path.unlink(missing_ok=True)
+            return
+        self.tmp_path.unlink(missing_ok=True)
+        if exc_type is None:
+            raise DataError(
+                f"{self.path}: only {len(self._written)} of {self.n_trajectories} trajectories "
+                "were written; the shard was discarded"
+            )
 
     def write(self, index: int, trajectory: Trajectory) -> None:
         """Store `trajectory` as row `index` of every field and scalar dataset."""
@@ -136,7 +143,10 @@ class ShardWriter:
                 )
             self._file[f"t{field.order}_fields/{field.name}"][index] = array.astype(np.float32)
         for name in self.layout.scalar_names:
+            if name not in trajectory.scalars:
+                raise DataError(f"{self.path}: trajectory {index} has no scalar {name!r}")
             self._file[f"scalars/{name}"][index] = trajectory.scalars[name]
+        self._written.add(index)
 
     def _write_header(self, f: h5py.File) -> None:
         f.attrs["dataset_name"] = self.layout.dataset_name
