@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -206,11 +207,27 @@ def _yaml_overrides(path: str, problems: list[str]) -> dict[str, Any]:
     return overrides
 
 
+DEMO_PROFILE = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+
+
+def config_file(cli: dict[str, Any]) -> str | None:
+    """--config, else the demo profile when training on the (default) demo dataset."""
+    if "config" in cli:
+        return cli["config"]
+    if cli.get("dataset", DataConfig.dataset) == "demo" and DEMO_PROFILE.is_file():
+        if os.environ.get("RANK", "0") == "0":
+            print(f"No --config given: training on the demo dataset with the demo profile {DEMO_PROFILE}")
+        return str(DEMO_PROFILE)
+    return None
+
+
 def load_config(argv: list[str] | None = None) -> Config:
     """Parse YAML + CLI into a validated Config; every problem is reported in one ConfigError."""
     cli = vars(build_parser().parse_args(argv))
     problems: list[str] = []
-    merged = _yaml_overrides(cli.pop("config"), problems) if "config" in cli else {}
+    path = config_file(cli)
+    cli.pop("config", None)
+    merged = _yaml_overrides(path, problems) if path else {}
     merged.update(cli)
     sections: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
     types_by_name = {f.name: _base_type(f.type) for cls in SECTIONS.values() for f in fields(cls)}

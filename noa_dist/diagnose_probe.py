@@ -10,7 +10,8 @@ mode, same loss weights), with a recording step function in between that
     loss of the window's last step alone: its growth with depth is the pure amplification
     of the chain (d L / d u_t also grows because more loss terms lie downstream).
 Depth k counts steps back from the end of a window (k = 0: the last state; k = window
-length: the window's input). Norms are root-sum-squares over the samples and windows, in
+length: the window's input); only full-length windows count (all-windows mode may end with
+a shorter one). Norms are root-sum-squares over the samples and windows, in
 float64 so that large finite gradients do not overflow while being measured.
 """
 
@@ -47,16 +48,23 @@ class RunningStats:
         kept = values[finite]
         if kept.numel():
             self.count += kept.numel()
-            self.low, self.high = min(self.low, kept.min().item()), max(self.high, kept.max().item())
+            self.low, self.high = (
+                min(self.low, kept.min().item()),
+                max(self.high, kept.max().item()),
+            )
             self.total += kept.sum().item()
             self.total_sq += kept.square().sum().item()
 
     def summary(self) -> dict[str, float | int]:
         mean = self.total / self.count if self.count else math.nan
         var = self.total_sq / self.count - mean**2 if self.count else math.nan
-        return {"min": self.low if self.count else math.nan, "max": self.high if self.count else math.nan,
-                "mean": mean, "std": math.sqrt(max(var, 0.0)) if self.count else math.nan,
-                "nonfinite": self.nonfinite}
+        return {
+            "min": self.low if self.count else math.nan,
+            "max": self.high if self.count else math.nan,
+            "mean": mean,
+            "std": math.sqrt(max(var, 0.0)) if self.count else math.nan,
+            "nonfinite": self.nonfinite,
+        }
 
 
 @dataclass
@@ -74,8 +82,14 @@ class DepthNorms:
     def rows(self) -> list[dict[str, float | int]]:
         """Per depth: d L / d u norm and the chain gain |dL_last/du_depth| / |dL_last/du_0|."""
         base = math.sqrt(self.last_sq.get(0, math.nan))
-        return [{"depth": k, "grad_norm": math.sqrt(self.total_sq[k]),
-                 "chain_gain": ratio(math.sqrt(self.last_sq[k]), base)} for k in sorted(self.total_sq)]
+        return [
+            {
+                "depth": k,
+                "grad_norm": math.sqrt(self.total_sq[k]),
+                "chain_gain": ratio(math.sqrt(self.last_sq[k]), base),
+            }
+            for k in sorted(self.total_sq)
+        ]
 
 
 @dataclass
@@ -136,7 +150,9 @@ def run_probe(
         for t in range(n_steps):
             target[t].add(batch["target"][:, t])
         fraction = batch["u0"].shape[0] / n_samples
-        loss += fraction * _batch_backward(model, batch, pred, depth, bptt_window, tbptt_mode, fraction)
+        loss += fraction * _batch_backward(
+            model, batch, pred, depth, bptt_window, tbptt_mode, fraction
+        )
     norms, nonfinite, no_grad = _parameter_gradients(model)
     return ProbeResult(pred, target, loss, bad, norms, nonfinite, no_grad, depth, n_samples)
 
@@ -146,6 +162,7 @@ def _batch_backward(model, batch, pred, depth, bptt_window, tbptt_mode, fraction
     u0, target = batch["u0"], batch["target"]
     cond = batch["cond"] if batch["cond"].shape[1] > 0 else None
     n_steps = target.shape[1]
+    full_length = n_steps if bptt_window is None else min(bptt_window, n_steps)
     step = _RecordingStep(model, cond, pred)
     loss = 0.0
     for window in iter_windows(step, u0, n_steps, bptt_window, tbptt_mode):
@@ -158,8 +175,9 @@ def _batch_backward(model, batch, pred, depth, bptt_window, tbptt_mode, fraction
         for state in states:
             state.grad = None  # retain_grad also caught the autograd.grad pass above
         (window_loss * weight * fraction).backward()
-        for index, (state, last_grad) in enumerate(zip(states, last_grads, strict=True)):
-            depth.add(len(states) - 1 - index, state.grad, last_grad)
+        if window.stop - window.start == full_length:  # a shorter last window would skew depths
+            for index, (state, last_grad) in enumerate(zip(states, last_grads, strict=True)):
+                depth.add(len(states) - 1 - index, state.grad, last_grad)
         loss += weight * window_loss.item()  # sync point (diagnosis only)
         step.window_states = []
     return loss
@@ -185,7 +203,11 @@ def _bad_samples(dataset: WellWindowDataset, batch: dict) -> list[str]:
     """Descriptions of the samples whose inputs, targets or conditioning are not finite."""
     bad = []
     for row, index in enumerate(batch["index"].tolist()):
-        parts = [name for name in ("u0", "target", "cond") if not bool(torch.isfinite(batch[name][row]).all())]
+        parts = [
+            name
+            for name in ("u0", "target", "cond")
+            if not bool(torch.isfinite(batch[name][row]).all())
+        ]
         if parts:
             bad.append(f"{dataset.describe_sample(index)}: non-finite {', '.join(parts)}")
     return bad

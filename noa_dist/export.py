@@ -26,13 +26,17 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike) -> Path:
     """Write CKPT's weights (fp32, canonical keys) and config to OUT atomically; returns OUT.
 
     The weights are checked against a model built from the config before anything is written.
+    Plain file I/O, no collectives: call it on the main process only (e.g. on `best/` at the
+    end of training; ZeRO step folders are consolidated from their shards on disk).
     """
     ckpt, out = Path(ckpt), Path(out)
     if out.suffix != ".pt":
         raise ConfigError(f"{out}: the export file name must end in .pt")
     state_dict, config = load_weights(ckpt)
     if config is None:
-        raise ConfigError(f"{ckpt}: holds no config, so the export could not be rebuilt into a model")
+        raise ConfigError(
+            f"{ckpt}: holds no config, so the export could not be rebuilt into a model"
+        )
     state_dict = {key: _fp32_cpu(value) for key, value in state_dict.items()}
     in_channels, cond_channels = model_channels(state_dict)
     _check_loads(state_dict, config_from_dict(config), in_channels, cond_channels, ckpt)
@@ -63,12 +67,16 @@ def _fp32_cpu(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.float().contiguous() if tensor.is_floating_point() else tensor.contiguous()
 
 
-def _check_loads(state_dict: StateDict, cfg: Config, in_channels: int, cond_channels: int, ckpt: Path) -> None:
+def _check_loads(
+    state_dict: StateDict, cfg: Config, in_channels: int, cond_channels: int, ckpt: Path
+) -> None:
     model = build_model(cfg.model, in_channels=in_channels, cond_channels=cond_channels)
     try:
         model.load_state_dict(state_dict)
     except RuntimeError as err:
-        raise ConfigError(f"{ckpt}: the weights do not fit the model its config describes ({err})") from None
+        raise ConfigError(
+            f"{ckpt}: the weights do not fit the model its config describes ({err})"
+        ) from None
 
 
 def _atomic_save(payload: dict, out: Path) -> None:

@@ -19,6 +19,7 @@ import time
 from noa_dist import checkpoint, distributed, preflight, report, tracking
 from noa_dist.config import Config, load_config
 from noa_dist.errors import ConfigError, NoaError
+from noa_dist.export import export_checkpoint
 from noa_dist.rollout import bptt_warning
 from noa_dist.stop import StopRequest
 from noa_dist.trainer import Outcome, Trainer
@@ -78,9 +79,18 @@ def prepare(cfg: Config) -> Trainer:
     return trainer
 
 
+def export_best(trainer: Trainer) -> None:
+    """best/ -> best_model.pt: a plain fp32 state dict + config, loadable without DeepSpeed."""
+    best = trainer.run_dir / "best"
+    if trainer.accelerator.is_main_process and (best / "COMPLETE").exists():
+        out = export_checkpoint(best, trainer.run_dir / "best_model.pt")
+        trainer.accelerator.print(f"Exported the best model to {out}")
+
+
 def run(cfg: Config) -> Outcome:
     trainer = prepare(cfg)
     outcome = trainer.fit()
+    export_best(trainer)
     accelerator = trainer.accelerator
     report.final_summary(accelerator, outcome, trainer.run_dir, tracking.run_location(accelerator))
     tracking.finish(accelerator)

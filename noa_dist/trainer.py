@@ -18,7 +18,8 @@ from torch.utils.data import DataLoader
 
 from noa_dist import checkpoint, distributed, plots, report, tracking
 from noa_dist.config import Config, parse_nan_injection
-from noa_dist.data.dataset import WellWindowDataset
+from noa_dist.data.dataset import WellWindowDataset, delta_scale
+from noa_dist.data.schema import load_stats
 from noa_dist.data.sampler import DistributedBatchSampler, ShardedEvalSampler
 from noa_dist.errors import ConfigError, NoaError
 from noa_dist.evaluate import ValResult, evaluate
@@ -61,6 +62,7 @@ class Trainer:
         self.injection = parse_nan_injection(cfg.debug.debug_inject_nan) if cfg.debug.debug_inject_nan else None
         self.checkpoint_dir = Path(cfg.checkpoint.checkpoint_dir or run_dir / "checkpoints")
         self.state = TrainState(run_dir=str(run_dir))
+        self.dataset_root = dataset_root
         self._build_data(dataset_root)
         self._build_model()
         if cfg.debug.debug_hang_in_save is not None:
@@ -99,6 +101,8 @@ class Trainer:
         m, o = self.cfg.model, self.cfg.optim
         torch.manual_seed(self.cfg.train.seed)  # identical initial weights on every rank
         model = build_model(m, in_channels=self.train_set.n_channels, cond_channels=self.train_set.n_cond_channels)
+        scale = delta_scale(self.train_set.layout, load_stats(self.dataset_root))
+        model.delta_scale.copy_(torch.from_numpy(scale))
         self.n_params = sum(p.numel() for p in model.parameters())
         optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
         distributed.configure_deepspeed(self.accelerator, micro_batch_size=self.cfg.data.batch_size,

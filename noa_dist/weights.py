@@ -37,7 +37,8 @@ ZERO_MODEL_STATES = "mp_rank_00_model_states.pt"  # written by every DeepSpeed e
 
 
 def load_weights(path: str | os.PathLike) -> tuple[StateDict, dict[str, Any] | None]:
-    """(fp32-or-saved-dtype state_dict with canonical keys, config dict or None) of `path`."""
+    """(state_dict with canonical keys, config dict or None) of `path`; tensors keep their
+    saved dtype (ZeRO shards are consolidated to fp32). The config is `Config.to_dict()`."""
     path = Path(path).expanduser()
     kind = checkpoint_kind(path)
     if kind == "export":
@@ -53,7 +54,7 @@ def load_weights(path: str | os.PathLike) -> tuple[StateDict, dict[str, Any] | N
 
 
 def checkpoint_kind(path: Path) -> str:
-    """"step", "zero", "best" or "export"; a ConfigError naming the path for anything else."""
+    """ "step", "zero", "best" or "export"; a ConfigError naming the path for anything else."""
     if not path.exists():
         raise ConfigError(f"{path}: no such file or folder (expected {EXPECTED})")
     if path.is_file():
@@ -78,7 +79,9 @@ def read_trainer_state(folder: Path) -> dict[str, Any]:
             "use the previous step-XXXXXXXX folder"
         )
     try:
-        return checkpoint.loads_state((folder / checkpoint.TRAINER_STATE).read_text(encoding="utf-8"))
+        return checkpoint.loads_state(
+            (folder / checkpoint.TRAINER_STATE).read_text(encoding="utf-8")
+        )
     except (OSError, ValueError) as err:
         raise DataError(f"{folder / checkpoint.TRAINER_STATE}: not readable JSON ({err})") from None
 
@@ -96,7 +99,9 @@ def config_from_dict(sections: dict[str, Any]) -> Config:
     unknown keys elsewhere (a newer or older noa-dist) are ignored with a warning.
     """
     if not isinstance(sections, dict):
-        raise ConfigError(f"saved config: expected a mapping of sections, got {type(sections).__name__}")
+        raise ConfigError(
+            f"saved config: expected a mapping of sections, got {type(sections).__name__}"
+        )
     built, ignored = {}, []
     for name, values in sections.items():
         if name not in SECTIONS or not isinstance(values, dict):
@@ -105,7 +110,9 @@ def config_from_dict(sections: dict[str, Any]) -> Config:
         known = {f.name for f in dataclasses.fields(SECTIONS[name])}
         unknown = sorted(set(values) - known)
         if unknown and name == "model":
-            raise ConfigError(f"saved config: unknown model field(s) {unknown}; was it written by another noa-dist version?")
+            raise ConfigError(
+                f"saved config: unknown model field(s) {unknown}; was it written by another noa-dist version?"
+            )
         ignored += [f"{name}.{key}" for key in unknown]
         built[name] = SECTIONS[name](**{k: v for k, v in values.items() if k in known})
     if ignored:
@@ -132,7 +139,9 @@ def _load_export(path: Path) -> tuple[StateDict, dict[str, Any] | None]:
     except Exception as err:  # torch raises many types for a bad file
         raise DataError(f"{path}: cannot be read as a torch file ({err})") from None
     if not isinstance(payload, dict) or not isinstance(payload.get("model"), dict):
-        raise DataError(f"{path}: expected a noa-export file, a dict with 'model' (a state dict) and 'config'")
+        raise DataError(
+            f"{path}: expected a noa-export file, a dict with 'model' (a state dict) and 'config'"
+        )
     bad = [k for k, v in payload["model"].items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise DataError(f"{path}: 'model' entry {bad[0]!r} is not a tensor")

@@ -30,8 +30,14 @@ def train_tiny_run(base: Path) -> Path:
     if (run / "best" / "COMPLETE").is_file():
         return run  # trained earlier in this session (the fixture is imported by two modules)
     dataset = make_tiny_dataset(base / "data")
-    cmd = [sys.executable, str(REPO / "noa_dist" / "train.py"), *train_flags(dataset, base / "out", "--epochs", "1")]
-    proc = subprocess.run(cmd, cwd=REPO, env=env_for_test(base), capture_output=True, text=True, timeout=300)
+    cmd = [
+        sys.executable,
+        str(REPO / "noa_dist" / "train.py"),
+        *train_flags(dataset, base / "out", "--epochs", "1"),
+    ]
+    proc = subprocess.run(
+        cmd, cwd=REPO, env=env_for_test(base), capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return run
 
@@ -57,7 +63,9 @@ def test_export_of_a_step_checkpoint_holds_its_weights_config_and_source(trained
     assert not list(tmp_path.glob(".*.tmp")), "the temporary file was left behind"
 
 
-def test_exported_file_loads_into_a_plain_model_when_deepspeed_cannot_be_imported(trained_run, tmp_path):
+def test_exported_file_loads_into_a_plain_model_when_deepspeed_cannot_be_imported(
+    trained_run, tmp_path
+):
     out = export_checkpoint(trained_run / "best", tmp_path / "best.pt")
     script = f"""
 import sys
@@ -75,8 +83,14 @@ c = torch.randn(1, payload["channels"]["cond_channels"], 16, 16)
 assert torch.equal(model(u, c), again(u, c))
 print("loaded", cfg.model.base_channels)
 """
-    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "loaded 8" in proc.stdout
 
@@ -97,12 +111,20 @@ def test_best_folder_step_folder_and_export_give_the_same_weights(trained_run, t
     [
         (lambda run, tmp: tmp / "missing", "no such file or folder"),
         (lambda run, tmp: run, "a run folder; pass"),
-        (lambda run, tmp: run / "checkpoints", "a folder of checkpoints; pass one of its step-XXXXXXXX folders (the latest"),
-        (lambda run, tmp: shutil.copy(run / "best" / "meta.json", tmp / "meta.json"), "not a .pt file"),
+        (
+            lambda run, tmp: run / "checkpoints",
+            "a folder of checkpoints; pass one of its step-XXXXXXXX folders (the latest",
+        ),
+        (
+            lambda run, tmp: shutil.copy(run / "best" / "meta.json", tmp / "meta.json"),
+            "not a .pt file",
+        ),
     ],
     ids=["missing", "run-folder", "checkpoints-folder", "other-file"],
 )
-def test_paths_that_are_no_checkpoint_name_the_path_and_the_expected_formats(trained_run, tmp_path, make, message):
+def test_paths_that_are_no_checkpoint_name_the_path_and_the_expected_formats(
+    trained_run, tmp_path, make, message
+):
     path = Path(make(trained_run, tmp_path))
     with pytest.raises(ConfigError, match="expected|pass") as err:
         load_weights(path)
@@ -128,7 +150,9 @@ def test_a_pt_file_that_is_not_an_export_is_a_data_error(tmp_path):
 def test_config_round_trips_and_unknown_model_fields_are_refused():
     cfg = Config()
     assert config_from_dict(cfg.to_dict()) == cfg
-    assert config_from_dict({"train": {"bptt_window": 8}, "future": {"x": 1}}).train.bptt_window == 8
+    assert (
+        config_from_dict({"train": {"bptt_window": 8}, "future": {"x": 1}}).train.bptt_window == 8
+    )
     with pytest.raises(ConfigError, match="unknown model field"):
         config_from_dict({"model": {"n_heads": 4}})
 
@@ -147,10 +171,28 @@ def test_cli_reports_a_bad_checkpoint_in_one_line_and_exit_code_2(tmp_path, caps
 def test_zero2_checkpoint_exports_the_same_weights_as_the_run_best_folder(tmp_path):
     """ZeRO-2 on 2 CPU ranks: the step folder holds only DeepSpeed shards (no model.safetensors)."""
     dataset = make_tiny_dataset(tmp_path / "data")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--use_deepspeed", "--zero_stage", "2",
-           "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--gradient_clipping", "1.0", "--main_process_port", str(free_port()), str(REPO / "noa_dist" / "train.py"),
-           *train_flags(dataset, tmp_path / "out", "--epochs", "1")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--use_deepspeed",
+        "--zero_stage",
+        "2",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--gradient_clipping",
+        "1.0",
+        "--main_process_port",
+        str(free_port()),
+        str(REPO / "noa_dist" / "train.py"),
+        *train_flags(dataset, tmp_path / "out", "--epochs", "1"),
+    ]
     env = dict(env_for_test(tmp_path), DS_ACCELERATOR="cpu")
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=500)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -32,6 +32,21 @@ def train_flags(dataset: Path, out: Path, *extra: str) -> list[str]:
         "--num-workers", "0", "--warmup-steps", "2", "--lr", "1e-3", "--log-every", "1",
         "--output-dir", str(out), "--run-name", "run", "--wandb-mode", "disabled", *TINY_MODEL, *extra,
     ]
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL the launcher and every worker it started (torch elastic workers get their own
+    process group, so killing the launcher's group alone would leave them running)."""
+    import psutil
+
+    try:
+        family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        family = []
+    for p in family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    psutil.wait_procs(family, timeout=30)
 
 
 def free_port() -> int:
@@ -69,7 +84,7 @@ def launch(n_procs: int, args: list[str], out: Path, *, timeout: float = 300, sc
     try:
         stdout, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_tree(proc)
         stdout, _ = proc.communicate()
         raise AssertionError(f"launch timed out after {timeout}s (a deadlock?):\n{stdout[-4000:]}") from None
     if proc.returncode != 0:
@@ -98,13 +113,12 @@ def launch_and_kill_when(n_procs: int, args: list[str], out: Path, marker: str, 
         for line in proc.stdout:
             lines.append(line)
             if marker in line:
-                os.killpg(proc.pid, signal.SIGKILL)
+                kill_tree(proc)
                 break
             if time.monotonic() > deadline:
                 break
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        kill_tree(proc)
         proc.wait()
     text = "".join(lines)
     assert marker in text, f"never saw {marker!r}:\n{text[-4000:]}"

@@ -73,6 +73,20 @@ def channel_norm(
     )
 
 
+def delta_scale(layout: ChannelLayout, stats: dict[str, Any]) -> np.ndarray:
+    """Per predicted channel: std of one-step differences / std of the field (both from
+    stats.yaml), i.e. the typical normalised change per step; 1 where stats lack `std_delta`."""
+    parts = []
+    for f in layout.predicted_fields:
+        std = _component_values(stats["std"][f.name], f.n_components)
+        if "std_delta" in stats and f.name in stats["std_delta"]:
+            std_delta = _component_values(stats["std_delta"][f.name], f.n_components)
+            parts.append(np.where(std > 0, std_delta / np.where(std > 0, std, 1), 1.0))
+        else:
+            parts.append(np.ones(f.n_components))
+    return np.concatenate(parts).astype(np.float32) if parts else np.zeros(0, np.float32)
+
+
 def to_channels_first(
     values: np.ndarray, field: FieldSpec, spatial_shape: tuple[int, ...]
 ) -> np.ndarray:

@@ -140,6 +140,10 @@ class UAFNO(nn.Module):
             for c_below, c_skip in zip(below_widths, skip_widths, strict=True)
         )
         self.head = nn.Conv2d(widths[0], out_channels, 1)
+        # Typical size of one step's change per channel (std of frame differences over std of
+        # the field, from the data's stats); the head predicts the increment in these units,
+        # so small per-step changes are not drowned by the state's own scale. Saved with the weights.
+        self.register_buffer("delta_scale", torch.ones(out_channels))
         if predict_delta:
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
@@ -152,7 +156,9 @@ class UAFNO(nn.Module):
         """One step: u(t) -> u(t + dt), [B, in_channels, H, W] -> [B, out_channels, H, W]."""
         bottleneck_BCHW, skips = self._encode(u_BCHW, cond_BCHW)
         out_BCHW = self.head(self._decode(bottleneck_BCHW, skips))
-        return u_BCHW + out_BCHW if self.predict_delta else out_BCHW
+        if not self.predict_delta:
+            return out_BCHW
+        return u_BCHW + out_BCHW * self.delta_scale.to(out_BCHW.dtype)[:, None, None]
 
     def rollout(self, u0_BCHW: Tensor, steps: int, cond_BCHW: Tensor | None = None) -> Tensor:
         """Autoregressive rollout from u0: the `steps` predicted states, [B, steps, C, H, W]."""
