@@ -159,3 +159,16 @@ def discard_gradients(model: torch.nn.Module, optimizer: torch.optim.Optimizer) 
         engine_optimizer.zero_grad(set_to_none=True)
     else:
         optimizer.zero_grad(set_to_none=True)
+
+
+def backward(accelerator: Accelerator, model: torch.nn.Module, loss: torch.Tensor, *, last_of_step: bool) -> None:
+    """Backward one TBPTT window. Windows before the last of a micro-step only accumulate
+    gradients: DDP skips its all-reduce, DeepSpeed its engine step (accelerate's backward
+    would step the engine after every window)."""
+    if last_of_step:
+        accelerator.backward(loss)
+    elif uses_deepspeed(accelerator):
+        accelerator.deepspeed_engine_wrapped.backward(loss, sync_gradients=False)
+    else:
+        with accelerator.no_sync(model):
+            accelerator.backward(loss)

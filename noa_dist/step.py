@@ -78,7 +78,7 @@ def forward_backward(
             windows.close()
             return MicroStep(loss=loss.detach(), finite=False)
         weight = window_loss_weight(window, n_steps, tbptt_mode)
-        accelerator.backward(loss * weight)
+        distributed.backward(accelerator, model, loss * weight, last_of_step=window.stop == n_steps)
         total += loss.detach() * weight
     return MicroStep(loss=total, finite=True)
 

@@ -80,3 +80,14 @@ def test_ddp_and_zero_reach_the_same_parameters(zero, ddp_grad_nan):
     diff = max_abs_diff(ddp_grad_nan[0]["params"], zero["grad_nan"][0]["params"])
     print(f"DDP vs ZeRO-{zero['stage']}: max abs parameter difference {diff:.3e}")
     assert diff < 1e-5
+
+
+def test_all_windows_mode_steps_once_per_batch_under_zero2_like_ddp(dataset, tmp_path):
+    """Several backward passes per batch: DeepSpeed must not step its engine after each window."""
+    flags = ["--tbptt-mode", "all-windows"]  # T=4, W=2: two windows per batch
+    ddp = run(dataset, tmp_path / "ddp", None, *flags)
+    zero2 = run(dataset, tmp_path / "zero2", 2, *flags)
+    assert zero2[0]["state"]["applied_steps"] == ddp[0]["state"]["applied_steps"] == 6
+    diff = max_abs_diff(ddp[0]["params"], zero2[0]["params"])
+    print(f"all-windows DDP vs ZeRO-2: max abs parameter difference {diff:.3e}")
+    assert diff < 1e-5
