@@ -33,7 +33,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from accelerate.utils import gather_object
 from tqdm import tqdm
+
+from noa_dist import distributed
+from noa_dist.config import ModelConfig
+from noa_dist.errors import ConfigError
+from noa_dist.models.build import build_model
 
 MIB = 2**20
 MODES = ("ddp", "zero1", "zero2", "zero3")
@@ -118,7 +124,9 @@ def master_tensors(zero: object | None) -> list[torch.Tensor]:
     for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):
         if hasattr(zero, name):
             return _flatten(getattr(zero, name))
-    raise RuntimeError(f"{type(zero).__name__}: no fp32 partition attribute found (DeepSpeed changed?)")
+    raise RuntimeError(
+        f"{type(zero).__name__}: no fp32 partition attribute found (DeepSpeed changed?)"
+    )
 
 
 def moment_tensors(optimizer: torch.optim.Optimizer, zero: object | None) -> list[torch.Tensor]:
@@ -138,32 +146,41 @@ def buffer_bytes(model: torch.nn.Module, zero: object | None, counter: StorageCo
 def _check_wrapping(accelerator, model: torch.nn.Module, mode: str) -> None:
     """Refuse to report numbers for a launch that did not set up what `mode` claims."""
     if accelerator.num_processes < 2:
-        raise RuntimeError(f"{mode}: world size {accelerator.num_processes}; the comparison needs >= 2 ranks")
+        raise RuntimeError(
+            f"{mode}: world size {accelerator.num_processes}; the comparison needs >= 2 ranks"
+        )
     if mode == "ddp":
         ok = isinstance(model, torch.nn.parallel.DistributedDataParallel)
     else:
-        ok = hasattr(model, "zero_optimization_stage") and model.zero_optimization_stage() == int(mode[-1])
+        stage = getattr(model, "zero_optimization_stage", lambda: None)()
+        ok = stage == int(mode.removeprefix("zero"))
     if not ok:
-        raise RuntimeError(f"{mode}: the launch produced {type(model).__name__}, not the expected wrapper")
+        raise RuntimeError(
+            f"{mode}: the launch produced {type(model).__name__}, not the expected wrapper"
+        )
 
 
-def _build(args: argparse.Namespace, accelerator):
-    from noa_dist import distributed
-    from noa_dist.config import ModelConfig
-    from noa_dist.models.build import build_model
-
+def _build(
+    args: argparse.Namespace, accelerator
+) -> tuple[torch.nn.Module, torch.optim.Optimizer, int]:
     torch.manual_seed(0)  # identical initial weights on every rank
-    cfg = ModelConfig(base_channels=args.base_channels, encoder_levels=args.encoder_levels,
-                      modes=args.modes_kept, afno_blocks=args.afno_blocks)
+    cfg = ModelConfig(
+        base_channels=args.base_channels,
+        encoder_levels=args.encoder_levels,
+        modes=args.modes_kept,
+        afno_blocks=args.afno_blocks,
+    )
     model = build_model(cfg, in_channels=args.in_channels, cond_channels=args.cond_channels)
     n_params = sum(p.numel() for p in model.parameters())
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    distributed.configure_deepspeed(accelerator, micro_batch_size=args.batch_size, gradient_clipping=1.0)
+    distributed.configure_deepspeed(
+        accelerator, micro_batch_size=args.batch_size, gradient_clipping=1.0
+    )
     model, optimizer = accelerator.prepare(model, optimizer)
     return model, optimizer, n_params
 
 
-def _random_batch(args: argparse.Namespace, rank: int, step: int):
+def _random_batch(args: argparse.Namespace, rank: int, step: int) -> tuple[torch.Tensor, ...]:
     gen = torch.Generator().manual_seed(1000 * rank + step)  # each rank its own data
     shape = (args.batch_size, args.grid, args.grid)
     u_BCHW = torch.randn(shape[0], args.in_channels, *shape[1:], generator=gen)
@@ -172,12 +189,8 @@ def _random_batch(args: argparse.Namespace, rank: int, step: int):
     return u_BCHW, cond_BCHW, target_BCHW
 
 
-def measure_rank(args: argparse.Namespace) -> RankMemory | None:
-    """Train `args.steps` steps; count held bytes on the last. Returns the rows on the main process."""
-    from accelerate.utils import gather_object
-
-    from noa_dist import distributed
-
+def measure_rank(args: argparse.Namespace) -> list[dict[str, object]] | None:
+    """Train `args.steps` steps, count held bytes on the last; every rank's row on the main process."""
     accelerator = distributed.build_accelerator(
         gradient_accumulation_steps=1, mixed_precision=args.mixed_precision, log_with=None
     )
@@ -185,9 +198,15 @@ def measure_rank(args: argparse.Namespace) -> RankMemory | None:
     _check_wrapping(accelerator, model, args.mode)
     zero, module = zero_optimizer(model), accelerator.unwrap_model(model)
     counter, sizes = StorageCounter(), {}
+    weight_dtype = next(module.parameters()).dtype
     for step in range(args.steps):
-        u_BCHW, cond_BCHW, target_BCHW = _random_batch(args, accelerator.process_index, step)
-        loss = torch.nn.functional.mse_loss(model(u_BCHW, cond_BCHW), target_BCHW)
+        batch = _random_batch(args, accelerator.process_index, step)
+        # DeepSpeed's bf16 holds bf16 weights and does not autocast: feed it bf16 inputs.
+        u_BCHW, cond_BCHW, target_BCHW = (t.to(weight_dtype) for t in batch)
+        with accelerator.autocast():  # DDP + bf16: autocast over fp32 weights
+            loss = torch.nn.functional.mse_loss(
+                model(u_BCHW, cond_BCHW).float(), target_BCHW.float()
+            )
         # accelerator.backward would also run DeepSpeed's step; we measure between the two.
         if zero is not None:
             model.backward(loss)
@@ -204,7 +223,9 @@ def measure_rank(args: argparse.Namespace) -> RankMemory | None:
             optimizer.zero_grad(set_to_none=True)
     sizes["master_bytes"] = counter.count(master_tensors(zero))
     sizes["moment_bytes"] = counter.count(moment_tensors(optimizer, zero))
-    row = RankMemory(args.mode, accelerator.process_index, accelerator.num_processes, n_params, **sizes)
+    row = RankMemory(
+        args.mode, accelerator.process_index, accelerator.num_processes, n_params, **sizes
+    )
     rows = gather_object([asdict(row)])
     return rows if accelerator.is_main_process else None
 
@@ -217,19 +238,28 @@ def _free_port() -> int:
 
 
 def launch_command(mode: str, args: argparse.Namespace, out: Path) -> list[str]:
-    config = REPO_ROOT / "launch" / ("ddp.yaml" if mode == "ddp" else f"{mode}.yaml")
+    config = REPO_ROOT / "launch" / f"{mode}.yaml"
     if not config.is_file():
-        from noa_dist.errors import ConfigError
-
-        raise ConfigError(f"{config}: launch config not found (run from a source checkout of noa-dist)")
-    model_flags = ["--base-channels", args.base_channels, "--encoder-levels", args.encoder_levels,
-                   "--modes-kept", args.modes_kept, "--afno-blocks", args.afno_blocks, "--grid", args.grid,
-                   "--in-channels", args.in_channels, "--cond-channels", args.cond_channels,
-                   "--batch-size", args.batch_size, "--steps", args.steps, "--mixed-precision", args.mixed_precision]
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
-            "--num_processes", str(args.num_processes), "--main_process_port", str(_free_port()),
-            "-m", "noa_dist.bench.optimizer_memory", "--worker", "--mode", mode, "--out", str(out),
-            *map(str, model_flags)]
+        raise ConfigError(
+            f"{config}: launch config not found (run from a source checkout of noa-dist)"
+        )
+    forwarded = (
+        "base_channels",
+        "encoder_levels",
+        "modes_kept",
+        "afno_blocks",
+        "grid",
+        "in_channels",
+        "cond_channels",
+        "batch_size",
+        "steps",
+        "mixed_precision",
+    )
+    worker_flags = [f"--{n.replace('_', '-')}={getattr(args, n)}" for n in forwarded]
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
+    launcher += [f"--num_processes={args.num_processes}", f"--main_process_port={_free_port()}"]
+    worker = ["-m", "noa_dist.bench.optimizer_memory", "--worker", f"--mode={mode}", f"--out={out}"]
+    return [*launcher, *worker, *worker_flags]
 
 
 def run_mode(mode: str, args: argparse.Namespace, workdir: Path) -> list[RankMemory]:
@@ -237,14 +267,23 @@ def run_mode(mode: str, args: argparse.Namespace, workdir: Path) -> list[RankMem
     out = workdir / f"{mode}.json"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.setdefault("OMP_NUM_THREADS", "1")
-    proc = subprocess.Popen(launch_command(mode, args, out), cwd=REPO_ROOT, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        launch_command(mode, args, out),
+        cwd=REPO_ROOT,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         output, _ = proc.communicate(timeout=args.timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         output, _ = proc.communicate()
-        raise RuntimeError(f"{mode}: launch timed out after {args.timeout}s:\n{output[-3000:]}") from None
+        raise RuntimeError(
+            f"{mode}: launch timed out after {args.timeout}s:\n{output[-3000:]}"
+        ) from None
     if proc.returncode != 0 or not out.is_file():
         raise RuntimeError(f"{mode}: launch failed ({proc.returncode}):\n{output[-4000:]}")
     return [RankMemory(**row) for row in json.loads(out.read_text())]
@@ -256,8 +295,11 @@ def ratios(rows: list[RankMemory]) -> list[dict[str, object]]:
     table = []
     for r in rows:
         base = ddp.get(r.rank)
-        entry: dict[str, object] = {**asdict(r), "optimizer_bytes": r.optimizer_bytes,
-                                    "model_state_bytes": r.model_state_bytes}
+        entry: dict[str, object] = {
+            **asdict(r),
+            "optimizer_bytes": r.optimizer_bytes,
+            "model_state_bytes": r.model_state_bytes,
+        }
         if base is not None:
             entry["optimizer_ratio"] = r.optimizer_bytes / base.optimizer_bytes
             entry["moment_ratio"] = r.moment_bytes / base.moment_bytes
@@ -267,12 +309,16 @@ def ratios(rows: list[RankMemory]) -> list[dict[str, object]]:
 
 
 def format_table(table: list[dict[str, object]]) -> str:
-    header = (f"{'mode':<6} {'rank':>4} {'param':>8} {'grad':>8} {'master':>8} {'moments':>8} "
-              f"{'opt state':>9} {'vs DDP':>6} {'all model':>9} {'vs DDP':>6} {'buffers':>8}")
-    lines = [header, " " * 12 + "(MiB; 'opt state' = master + moments; 'all model' = param + grad + opt state)"]
+    header = (
+        f"{'mode':<6} {'rank':>4} {'param':>8} {'grad':>8} {'master':>8} {'moments':>8} "
+        f"{'opt state':>9} {'vs DDP':>6} {'all model':>9} {'vs DDP':>6} {'buffers':>8}"
+    )
+    lines = [
+        header,
+        " " * 12 + "(MiB; 'opt state' = master + moments; 'all model' = param + grad + opt state)",
+    ]
     for e in table:
-        mib = {k: e[k] / MIB for k in ("param_bytes", "grad_bytes", "master_bytes", "moment_bytes",
-                                       "optimizer_bytes", "model_state_bytes", "buffer_bytes")}
+        mib = {k: v / MIB for k, v in e.items() if k.endswith("_bytes")}
         lines.append(
             f"{e['mode']:<6} {e['rank']:>4} {mib['param_bytes']:>8.2f} {mib['grad_bytes']:>8.2f} "
             f"{mib['master_bytes']:>8.2f} {mib['moment_bytes']:>8.2f} {mib['optimizer_bytes']:>9.2f} "
@@ -284,7 +330,9 @@ def format_table(table: list[dict[str, object]]) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
+    parser.add_argument(
+        "--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}"
+    )
     parser.add_argument("--json", type=Path, help="also write the table here")
     parser.add_argument("--num-processes", type=int, default=2)
     parser.add_argument("--base-channels", type=int, default=32)
@@ -295,9 +343,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--in-channels", type=int, default=1)
     parser.add_argument("--cond-channels", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--mixed-precision", choices=("no", "bf16"), default="no",
-                        help="bf16: DDP autocasts fp32 weights; DeepSpeed keeps bf16 weights + fp32 master")
-    parser.add_argument("--steps", type=int, default=3, help="steps per launch; the last is measured")
+    parser.add_argument(
+        "--mixed-precision",
+        choices=("no", "bf16"),
+        default="no",
+        help="bf16: DDP autocasts fp32 weights; DeepSpeed keeps bf16 weights + fp32 master",
+    )
+    parser.add_argument(
+        "--steps", type=int, default=3, help="steps per launch; the last is measured"
+    )
     parser.add_argument("--timeout", type=float, default=900, help="seconds per launch")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--mode", help=argparse.SUPPRESS)
@@ -325,13 +379,15 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]] | None:
         for mode in tqdm(args.modes, desc="optimizer-memory"):
             rows += run_mode(mode, args, Path(workdir))
     table = ratios(rows)
-    print(f"U-AFNO, {rows[0].n_params:,} parameters, AdamW, mixed precision {args.mixed_precision}, "
-          f"{args.num_processes} ranks")
+    print(
+        f"U-AFNO, {rows[0].n_params:,} parameters, AdamW, mixed precision {args.mixed_precision}, "
+        f"{args.num_processes} ranks"
+    )
     print(format_table(table))
     if args.json is not None:
-        args.json.write_text(json.dumps({"n_params": rows[0].n_params, "world_size": args.num_processes,
-                                         "mixed_precision": args.mixed_precision,
-                                         "rows": table}, indent=2))
+        meta = {"n_params": rows[0].n_params, "world_size": args.num_processes}
+        meta["mixed_precision"] = args.mixed_precision
+        args.json.write_text(json.dumps({**meta, "rows": table}, indent=2))
     return table
 
 
