@@ -66,7 +66,7 @@ class TrainConfig:
     bptt_window: int | None = _doc("truncated BPTT window W (unset: full BPTT through T)", default=None)
     tbptt_mode: str = _doc("last: warm up T-W steps without grad, train the last W; all-windows: every window, detached between", default="last")
     seed: int = _doc("seed for weights, data order and dropout", default=0)
-    mixed_precision: str = _doc("no | bf16 (autocast; the FFT stays fp32)", default="no")
+    mixed_precision: str | None = _doc("no | bf16 | fp16 (the FFT stays fp32); unset: what `accelerate launch` says", default=None)
     log_every: int = _doc("print and log every N optimizer steps", default=10)
     max_consecutive_skips: int = _doc("stop with a diagnosis after this many skipped steps in a row", default=50)
     early_stop_patience: int | None = _doc("stop after N epochs without validation improvement", default=None)
@@ -250,7 +250,7 @@ def config_problems(cfg: Config) -> list[str]:
     problems: list[str] = []
     flat = cfg.flat()
     for name, allowed in CHOICES.items():
-        if flat[name] not in allowed:
+        if flat[name] is not None and flat[name] not in allowed:
             problems.append(f"--{name.replace('_', '-')}: expected one of {', '.join(allowed)}, got {flat[name]!r}")
     positive = ["timesteps", "batch_size", "base_channels", "encoder_levels", "modes", "afno_blocks",
                 "afno_num_blocks", "epochs", "gradient_accumulation_steps", "log_every", "max_consecutive_skips"]

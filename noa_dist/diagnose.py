@@ -166,7 +166,7 @@ def config_check(s: Settings, cfg: Config) -> list[dict[str, str]]:
         )
     elif (warning := bptt_warning(s.timesteps, s.bptt_window, s.tbptt_mode)) and not full:
         items.append({"level": "note", "message": warning})
-    if cfg.train.mixed_precision != "no":
+    if cfg.train.mixed_precision not in (None, "no"):
         items.append(
             {
                 "level": "note",

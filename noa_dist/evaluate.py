@@ -48,15 +48,15 @@ def evaluate(accelerator: Accelerator, model: torch.nn.Module, loader, n_real: i
     sums = None  # [3 + 2T]: loss_sum, count, pad, vrmse sums, persistence sums
     seen, example = 0, None
     for batch in loader:
-        u0, target = batch["u0"].to(device), batch["target"].to(device)
-        cond = batch["cond"].to(device)
+        batch = distributed.batch_to_device(accelerator, batch)
+        u0, target, cond = batch["u0"], batch["target"], batch["cond"]
         cond = cond if cond.shape[1] > 0 else None
         pred = rollout(model, u0, cond, target.shape[1])
         mask = (torch.arange(u0.shape[0], device=device) + seen < n_real).float()  # padding -> 0
         seen += u0.shape[0]
         per_sample_mse = ((pred.float() - target) ** 2).mean(dim=(1, 2, 3, 4))
         model_vrmse = vrmse(pred.float(), target).mean(dim=2)  # [B, T]
-        base_vrmse = vrmse(persistence_prediction(u0, target.shape[1]), target).mean(dim=2)
+        base_vrmse = vrmse(persistence_prediction(u0.float(), target.shape[1]), target).mean(dim=2)
         batch_sums = torch.cat(
             [
                 (per_sample_mse * mask).sum().reshape(1),

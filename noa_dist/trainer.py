@@ -19,8 +19,8 @@ from torch.utils.data import DataLoader
 from noa_dist import checkpoint, distributed, plots, report, tracking
 from noa_dist.config import Config, parse_nan_injection
 from noa_dist.data.dataset import WellWindowDataset, delta_scale
-from noa_dist.data.schema import load_stats
 from noa_dist.data.sampler import DistributedBatchSampler, ShardedEvalSampler
+from noa_dist.data.schema import load_stats
 from noa_dist.errors import ConfigError, NoaError
 from noa_dist.evaluate import ValResult, evaluate
 from noa_dist.models.build import build_model
@@ -169,7 +169,7 @@ class Trainer:
         loss_finite = True
         while st.batch_in_epoch < micro_per_epoch:
             with meter.waiting_for_data():
-                batch = {k: v.to(acc.device, non_blocking=True) for k, v in next(batches).items()}
+                batch = distributed.batch_to_device(acc, next(batches))
             with acc.accumulate(self.model):
                 micro = forward_backward(
                     acc, self.model, batch, bptt_window=self.cfg.train.bptt_window,
@@ -266,7 +266,7 @@ class Trainer:
         metrics = {"val/loss": val.loss, "val/vrmse_step_1": val.vrmse_per_step[0],
                    "val/persistence_vrmse_step_1": val.persistence_vrmse_per_step[0],
                    "val/vrmse_ratio_step_1": val.one_step_ratio, "epoch": self.state.epoch}
-        for k, (m, p) in enumerate(zip(val.vrmse_per_step, val.persistence_vrmse_per_step), start=1):
+        for k, (m, p) in enumerate(zip(val.vrmse_per_step, val.persistence_vrmse_per_step, strict=True), start=1):
             metrics[f"val/vrmse_step_{k}"], metrics[f"val/persistence_vrmse_step_{k}"] = m, p
         tracking.log_metrics(self.accelerator, metrics, step=self.state.global_step)
         if self.accelerator.is_main_process and val.example is not None:

@@ -8,7 +8,15 @@ import sys
 
 import pytest
 import torch
-from trainrun import REPO, WORKER, env_for_test, launch, make_tiny_dataset, rank_results, train_flags
+from trainrun import (
+    REPO,
+    WORKER,
+    env_for_test,
+    launch,
+    make_tiny_dataset,
+    rank_results,
+    train_flags,
+)
 
 from noa_dist.wandb_offline import find_offline_runs, read_run
 

@@ -67,7 +67,7 @@ def test_stop_and_resume_auto_is_bitwise_identical_to_a_straight_run(dataset, tm
     second = launch(2, [*flags, "--resume", "auto"], tmp_path / "second")
     assert "Will skip first 2 batches of epoch 2" in second.stdout
     resumed = rank_results(tmp_path / "second", 2)
-    for ref, res in zip(straight_run, resumed):
+    for ref, res in zip(straight_run, resumed, strict=True):
         assert_same_params(ref["params"], res["params"])
         assert res["state"]["history"]["train_loss"] == ref["state"]["history"]["train_loss"]
         assert res["state"]["history"]["val_loss"] == ref["state"]["history"]["val_loss"]
@@ -83,6 +83,6 @@ def test_sigkill_mid_checkpoint_resumes_from_previous_complete_one_bitwise(datas
     assert not (ckpts / "step-00000004").exists()
     resumed = launch(2, [*flags, "--resume", "auto"], tmp_path / "second")
     assert "Resuming from checkpoint" in resumed.stdout and "step-00000002" in resumed.stdout
-    for ref, res in zip(straight_run, rank_results(tmp_path / "second", 2)):
+    for ref, res in zip(straight_run, rank_results(tmp_path / "second", 2), strict=True):
         assert_same_params(ref["params"], res["params"])
         assert res["state"]["history"]["train_loss"] == ref["state"]["history"]["train_loss"]
