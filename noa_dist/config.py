@@ -29,12 +29,19 @@ def _doc(text: str, **kwargs: Any) -> Any:
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = _doc("Well-format dataset root (data/{train,valid,test}/*.hdf5 + stats.yaml); 'demo' = generated demo set", default="demo")
+    dataset: str = _doc(
+        "Well-format dataset root (data/{train,valid,test}/*.hdf5 + stats.yaml); 'demo' = generated demo set",
+        default="demo",
+    )
     demo_dir: str = _doc("where the demo dataset is generated and cached", default="data/demo")
     n_samples: int | None = _doc("use only the first N training windows", default=None)
-    val_samples: int | None = _doc("use only the first N validation windows (default: all)", default=None)
+    val_samples: int | None = _doc(
+        "use only the first N validation windows (default: all)", default=None
+    )
     timesteps: int = _doc("rollout length T (predicted steps per sample)", default=16)
-    window_stride: int | None = _doc("stride between window starts in a trajectory (default: timesteps)", default=None)
+    window_stride: int | None = _doc(
+        "stride between window starts in a trajectory (default: timesteps)", default=None
+    )
     batch_size: int = _doc("samples per process per micro-step", default=4)
     num_workers: int = _doc("DataLoader worker processes per rank", default=1)
 
@@ -52,8 +59,12 @@ class ModelConfig:
 class OptimConfig:
     lr: float = _doc("peak learning rate (AdamW)", default=3e-4)
     weight_decay: float = _doc("AdamW weight decay", default=0.01)
-    warmup_steps: int = _doc("linear warm-up from lr/10 over this many optimizer steps", default=500)
-    lr_schedule: str = _doc("after warm-up: cosine (to 0 at the last step) or constant", default="cosine")
+    warmup_steps: int = _doc(
+        "linear warm-up from lr/10 over this many optimizer steps", default=500
+    )
+    lr_schedule: str = _doc(
+        "after warm-up: cosine (to 0 at the last step) or constant", default="cosine"
+    )
     max_grad_norm: float = _doc("gradient clipping norm (its value is logged)", default=1.0)
     gradient_accumulation_steps: int = _doc("micro-steps per optimizer step", default=1)
 
@@ -61,38 +72,70 @@ class OptimConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = _doc("passes over the training split", default=10)
-    max_steps: int | None = _doc("end training after this many optimizer steps (sets the schedule length)", default=None)
-    stop_at_step: int | None = _doc("checkpoint and exit after this optimizer step; the schedule still spans the full run (time-boxed jobs)", default=None)
-    bptt_window: int | None = _doc("truncated BPTT window W (unset: full BPTT through T)", default=None)
-    tbptt_mode: str = _doc("last: warm up T-W steps without grad, train the last W; all-windows: every window, detached between", default="last")
+    max_steps: int | None = _doc(
+        "end training after this many optimizer steps (sets the schedule length)", default=None
+    )
+    stop_at_step: int | None = _doc(
+        "checkpoint and exit after this optimizer step; the schedule still spans the full run (time-boxed jobs)",
+        default=None,
+    )
+    bptt_window: int | None = _doc(
+        "truncated BPTT window W (unset: full BPTT through T)", default=None
+    )
+    tbptt_mode: str = _doc(
+        "last: warm up T-W steps without grad, train the last W; all-windows: every window, detached between",
+        default="last",
+    )
     seed: int = _doc("seed for weights, data order and dropout", default=0)
-    mixed_precision: str | None = _doc("no | bf16 | fp16 (the FFT stays fp32); unset: what `accelerate launch` says", default=None)
+    mixed_precision: str | None = _doc(
+        "no | bf16 | fp16 (the FFT stays fp32); unset: what `accelerate launch` says", default=None
+    )
     log_every: int = _doc("print and log every N optimizer steps", default=10)
-    max_consecutive_skips: int = _doc("stop with a diagnosis after this many skipped steps in a row", default=50)
-    early_stop_patience: int | None = _doc("stop after N epochs without validation improvement", default=None)
+    max_consecutive_skips: int = _doc(
+        "stop with a diagnosis after this many skipped steps in a row", default=50
+    )
+    early_stop_patience: int | None = _doc(
+        "stop after N epochs without validation improvement", default=None
+    )
 
 
 @dataclass(frozen=True)
 class CheckpointConfig:
     output_dir: str = _doc("parent of the run directory", default="runs")
-    run_name: str | None = _doc("run directory name (default: slurm-<jobid> or a timestamp)", default=None)
-    checkpoint_dir: str | None = _doc("checkpoint folder (default: <run dir>/checkpoints)", default=None)
+    run_name: str | None = _doc(
+        "run directory name (default: slurm-<jobid> or a timestamp)", default=None
+    )
+    checkpoint_dir: str | None = _doc(
+        "checkpoint folder (default: <run dir>/checkpoints)", default=None
+    )
     save_every: int = _doc("save every N optimizer steps (0: only at epoch ends)", default=200)
     keep_last: int = _doc("keep this many step checkpoints (at least 2)", default=3)
-    resume: str | None = _doc("'auto' (latest complete checkpoint, if any) or a checkpoint path", default=None)
-    init_from: str | None = _doc("load model weights only from this checkpoint (fine-tuning)", default=None)
+    resume: str | None = _doc(
+        "'auto' (latest complete checkpoint, if any) or a checkpoint path", default=None
+    )
+    init_from: str | None = _doc(
+        "load model weights only from this checkpoint (fine-tuning)", default=None
+    )
 
 
 @dataclass(frozen=True)
 class TrackingConfig:
-    wandb_mode: str = _doc("online | offline | disabled | auto (online if credentials exist)", default="auto")
+    wandb_mode: str = _doc(
+        "online | offline | disabled | auto (online if credentials exist)", default="auto"
+    )
     wandb_project: str = _doc("W&B project", default="noa-dist")
 
 
 @dataclass(frozen=True)
 class DebugConfig:
-    debug_hang_in_save: int | None = _doc("fault injection for testing atomic checkpoints: hang inside the checkpoint save of this step (until killed)", default=None)
-    debug_inject_nan: str | None = _doc("fault injection for testing skip-together: 'RANK:STEP[:loss|grad]' makes that rank's loss (or gradients) NaN at that optimizer step", default=None)
+    debug_hang_in_save: int | None = _doc(
+        "fault injection for testing atomic checkpoints: hang inside the checkpoint save of this step (until killed)",
+        default=None,
+    )
+    debug_inject_nan: str | None = _doc(
+        "fault injection for testing skip-together: 'RANK:STEP[:loss|grad]' makes that rank's loss (or gradients) NaN at that optimizer step",
+        default=None,
+    )
 
 
 @dataclass(frozen=True)
@@ -161,7 +204,9 @@ def _convert(name: str, text: Any, target: type) -> Any:
             raise ValueError
         return target(text)
     except (TypeError, ValueError):
-        raise ValueError(f"--{name.replace('_', '-')}: expected {target.__name__}, got {text!r}") from None
+        raise ValueError(
+            f"--{name.replace('_', '-')}: expected {target.__name__}, got {text!r}"
+        ) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -171,12 +216,16 @@ def build_parser() -> argparse.ArgumentParser:
         "Precedence: command line > --config YAML > defaults.",
         argument_default=argparse.SUPPRESS,
     )
-    parser.add_argument("--config", help="YAML file with sections data/model/optim/train/checkpoint/tracking/debug")
+    parser.add_argument(
+        "--config", help="YAML file with sections data/model/optim/train/checkpoint/tracking/debug"
+    )
     for section, cls in SECTIONS.items():
         group = parser.add_argument_group(section)
         for f in fields(cls):
             flags = {f"--{f.name.replace('_', '-')}", f"--{f.name}"}
-            group.add_argument(*sorted(flags), dest=f.name, metavar=f.name.upper(), help=f.metadata["help"])
+            group.add_argument(
+                *sorted(flags), dest=f.name, metavar=f.name.upper(), help=f.metadata["help"]
+            )
     return parser
 
 
@@ -197,7 +246,9 @@ def _yaml_overrides(path: str, problems: list[str]) -> dict[str, Any]:
     overrides: dict[str, Any] = {}
     for section, values in _read_yaml(path).items():
         if section not in SECTIONS:
-            problems.append(f"{path}: unknown section '{section}' (expected one of {list(SECTIONS)})")
+            problems.append(
+                f"{path}: unknown section '{section}' (expected one of {list(SECTIONS)})"
+            )
             continue
         for name, value in (values or {}).items():
             if FIELD_SECTION.get(name) != section:
@@ -216,7 +267,9 @@ def config_file(cli: dict[str, Any]) -> str | None:
         return cli["config"]
     if cli.get("dataset", DataConfig.dataset) == "demo" and DEMO_PROFILE.is_file():
         if os.environ.get("RANK", "0") == "0":
-            print(f"No --config given: training on the demo dataset with the demo profile {DEMO_PROFILE}")
+            print(
+                f"No --config given: training on the demo dataset with the demo profile {DEMO_PROFILE}"
+            )
         return str(DEMO_PROFILE)
     return None
 
@@ -251,13 +304,33 @@ def config_problems(cfg: Config) -> list[str]:
     flat = cfg.flat()
     for name, allowed in CHOICES.items():
         if flat[name] is not None and flat[name] not in allowed:
-            problems.append(f"--{name.replace('_', '-')}: expected one of {', '.join(allowed)}, got {flat[name]!r}")
-    positive = ["timesteps", "batch_size", "base_channels", "encoder_levels", "modes", "afno_blocks",
-                "afno_num_blocks", "epochs", "gradient_accumulation_steps", "log_every", "max_consecutive_skips"]
+            problems.append(
+                f"--{name.replace('_', '-')}: expected one of {', '.join(allowed)}, got {flat[name]!r}"
+            )
+    positive = [
+        "timesteps",
+        "batch_size",
+        "base_channels",
+        "encoder_levels",
+        "modes",
+        "afno_blocks",
+        "afno_num_blocks",
+        "epochs",
+        "gradient_accumulation_steps",
+        "log_every",
+        "max_consecutive_skips",
+    ]
     for name in positive:
         if flat[name] < 1:
             problems.append(f"--{name.replace('_', '-')}: must be >= 1, got {flat[name]}")
-    for name in ("n_samples", "val_samples", "window_stride", "max_steps", "stop_at_step", "early_stop_patience"):
+    for name in (
+        "n_samples",
+        "val_samples",
+        "window_stride",
+        "max_steps",
+        "stop_at_step",
+        "early_stop_patience",
+    ):
         if flat[name] is not None and flat[name] < 1:
             problems.append(f"--{name.replace('_', '-')}: must be >= 1 or unset, got {flat[name]}")
     for name in ("num_workers", "warmup_steps", "save_every"):
@@ -275,7 +348,9 @@ def config_problems(cfg: Config) -> list[str]:
         except ValueError as exc:
             problems.append(str(exc))
     if cfg.checkpoint.resume is not None and cfg.checkpoint.init_from is not None:
-        problems.append("--resume and --init-from exclude each other (resume restores everything; init-from loads weights only)")
+        problems.append(
+            "--resume and --init-from exclude each other (resume restores everything; init-from loads weights only)"
+        )
     return problems
 
 
@@ -303,4 +378,6 @@ def parse_nan_injection(spec: str) -> NanInjection:
             raise ValueError
         return NanInjection(rank=int(parts[0]), step=int(parts[1]), target=target)
     except ValueError:
-        raise ValueError(f"--debug-inject-nan: expected RANK:STEP[:loss|grad], got {spec!r}") from None
+        raise ValueError(
+            f"--debug-inject-nan: expected RANK:STEP[:loss|grad], got {spec!r}"
+        ) from None

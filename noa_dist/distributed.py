@@ -54,7 +54,11 @@ def build_accelerator(
     ]
     if launched_distributed():
         # Without an explicit gloo backend on CPU, accelerate reports world size 1.
-        handlers.append(InitProcessGroupKwargs(backend=process_group_backend(), timeout=timedelta(seconds=timeout_s)))
+        handlers.append(
+            InitProcessGroupKwargs(
+                backend=process_group_backend(), timeout=timedelta(seconds=timeout_s)
+            )
+        )
     return Accelerator(
         # On CPU-only machines accelerate picks DDP (MULTI_CPU, gloo) only when told `cpu=True`;
         # otherwise it starts a process group but leaves the model unwrapped (no gradient sync).
@@ -136,7 +140,9 @@ def check_world(accelerator: Accelerator) -> None:
         )
 
 
-def configure_deepspeed(accelerator: Accelerator, *, micro_batch_size: int, gradient_clipping: float) -> None:
+def configure_deepspeed(
+    accelerator: Accelerator, *, micro_batch_size: int, gradient_clipping: float
+) -> None:
     """Fill what DeepSpeed cannot infer: we don't pass a dataloader to prepare (our sampler
     shards by rank itself), and ZeRO's global overflow skip needs gradient_clipping set."""
     if not uses_deepspeed(accelerator):
@@ -161,7 +167,9 @@ def discard_gradients(model: torch.nn.Module, optimizer: torch.optim.Optimizer) 
         optimizer.zero_grad(set_to_none=True)
 
 
-def backward(accelerator: Accelerator, model: torch.nn.Module, loss: torch.Tensor, *, last_of_step: bool) -> None:
+def backward(
+    accelerator: Accelerator, model: torch.nn.Module, loss: torch.Tensor, *, last_of_step: bool
+) -> None:
     """Backward one TBPTT window. Windows before the last of a micro-step only accumulate
     gradients: DDP skips its all-reduce, DeepSpeed its engine step (accelerate's backward
     would step the engine after every window)."""
@@ -181,7 +189,9 @@ def model_input_dtype(accelerator: Accelerator) -> torch.dtype | None:
     return None
 
 
-def batch_to_device(accelerator: Accelerator, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def batch_to_device(
+    accelerator: Accelerator, batch: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """Move a batch to the device; model inputs (u0, cond) take the model's dtype under DeepSpeed
     half precision, targets stay fp32 (losses and metrics are computed in fp32)."""
     dtype = model_input_dtype(accelerator)

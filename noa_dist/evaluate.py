@@ -22,7 +22,9 @@ class ValResult:
     vrmse_per_step: list[float]  # mean over samples and channels, per rollout step
     persistence_vrmse_per_step: list[float]
     n_samples: int
-    example: tuple[torch.Tensor, torch.Tensor] | None  # (truth_TCHW, pred_TCHW) of one sample, main process
+    example: (
+        tuple[torch.Tensor, torch.Tensor] | None
+    )  # (truth_TCHW, pred_TCHW) of one sample, main process
 
     @property
     def one_step_ratio(self) -> float:
@@ -31,7 +33,9 @@ class ValResult:
 
 
 @torch.no_grad()
-def rollout(model: torch.nn.Module, u0: torch.Tensor, cond: torch.Tensor | None, steps: int) -> torch.Tensor:
+def rollout(
+    model: torch.nn.Module, u0: torch.Tensor, cond: torch.Tensor | None, steps: int
+) -> torch.Tensor:
     """[B, C, H, W] -> [B, steps, C, H, W] through the (possibly wrapped) model."""
     states, u = [], u0
     for _ in range(steps):

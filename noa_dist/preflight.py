@@ -31,8 +31,13 @@ def ensure_demo_dataset(root: Path) -> Path:
         if not _is_generated(root):
             first = int(os.environ.get("RANK", "0")) == 0
             if first:
-                print(f"Generating the demo dataset in {root} (once; cached for later runs) ...", flush=True)
-            generate_dataset(root, **DEMO, workers=min(2, os.cpu_count() or 1), overwrite=True, progress=first)
+                print(
+                    f"Generating the demo dataset in {root} (once; cached for later runs) ...",
+                    flush=True,
+                )
+            generate_dataset(
+                root, **DEMO, workers=min(2, os.cpu_count() or 1), overwrite=True, progress=first
+            )
     return root
 
 
@@ -74,5 +79,7 @@ def check_data(cfg: Config) -> Path:
         raise ConfigError(f"--dataset {root}: no such directory")
     problems = data_problems(cfg, root)
     if problems:
-        raise ConfigError("the dataset does not fit the configuration:\n  " + "\n  ".join(dict.fromkeys(problems)))
+        raise ConfigError(
+            "the dataset does not fit the configuration:\n  " + "\n  ".join(dict.fromkeys(problems))
+        )
     return root

@@ -23,13 +23,22 @@ from noa_dist.config import Config
 def progress_bar(accelerator: Accelerator, *, total: int, initial: int):
     """A bar on the main process when attached to a terminal (logs get the step lines instead)."""
     enabled = accelerator.is_main_process and sys.stderr.isatty()
-    return tqdm(total=total, initial=initial, disable=not enabled, leave=False, unit="batch", dynamic_ncols=True)
+    return tqdm(
+        total=total,
+        initial=initial,
+        disable=not enabled,
+        leave=False,
+        unit="batch",
+        dynamic_ncols=True,
+    )
 
 
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB -> MiB (process peak RSS)
+    return (
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    )  # Linux: KiB -> MiB (process peak RSS)
 
 
 class StepMeter:
@@ -58,12 +67,18 @@ class StepMeter:
     def add_update(self, update) -> None:
         self._steps += 1
         if update.applied:
-            self._grad_norm += torch.stack([update.grad_norm.float().to(self._grad_norm.device),
-                                            torch.ones((), device=self._grad_norm.device)])
+            self._grad_norm += torch.stack(
+                [
+                    update.grad_norm.float().to(self._grad_norm.device),
+                    torch.ones((), device=self._grad_norm.device),
+                ]
+            )
 
     def flush(self, *, lr: float, skipped: int) -> dict[str, float]:
         """Mean over ranks and steps since the last flush. # sync point (one all-reduce)"""
-        totals = distributed.sum_across_ranks(self.accelerator, torch.cat([self._loss, self._grad_norm])).tolist()
+        totals = distributed.sum_across_ranks(
+            self.accelerator, torch.cat([self._loss, self._grad_norm])
+        ).tolist()
         elapsed = max(time.perf_counter() - self._t0, 1e-9)
         loss = totals[0] / totals[1] if totals[1] else float("nan")
         metrics = {
@@ -83,7 +98,9 @@ class StepMeter:
         return metrics
 
     def epoch_mean(self) -> float:
-        totals = distributed.sum_across_ranks(self.accelerator, self._epoch_loss).tolist()  # sync point
+        totals = distributed.sum_across_ranks(
+            self.accelerator, self._epoch_loss
+        ).tolist()  # sync point
         return totals[0] / totals[1] if totals[1] else float("nan")
 
 
@@ -99,7 +116,9 @@ def epoch_header(accelerator: Accelerator, epoch: int, epochs: int) -> None:
     accelerator.print(f"\nEpoch {epoch + 1}/{epochs}")
 
 
-def epoch_summary(accelerator: Accelerator, train_loss: float, val, seconds: float, improved: bool) -> None:
+def epoch_summary(
+    accelerator: Accelerator, train_loss: float, val, seconds: float, improved: bool
+) -> None:
     accelerator.print(f"  Train: total={train_loss:.6f} traj={train_loss:.6f} [{seconds:.1f}s]")
     best = " (best)" if improved else ""
     accelerator.print(
@@ -118,7 +137,9 @@ def resume_summary(accelerator: Accelerator, path: Path, state, micro_per_epoch:
     p("  ✓ Restored RNG states and data order")
     p(f"  ✓ Resuming from epoch {state.epoch + 1}, step {state.global_step}")
     if 0 < state.batch_in_epoch < micro_per_epoch:
-        p(f"    (Will skip first {state.batch_in_epoch} batches of epoch {state.epoch + 1} without reading them)")
+        p(
+            f"    (Will skip first {state.batch_in_epoch} batches of epoch {state.epoch + 1} without reading them)"
+        )
     if state.best_val_loss < float("inf"):
         p(f"  ✓ Best val loss so far: {state.best_val_loss:.6f}")
     else:
@@ -131,8 +152,10 @@ def skip_advice(cfg: Config) -> str:
     t, w = cfg.data.timesteps, cfg.train.bptt_window
     if w is None and t > 32:
         return f"Backpropagating through {t} steps explodes gradients: add --bptt-window 32."
-    return (f"Try a lower --lr (now {cfg.optim.lr:g}), a smaller --bptt-window, "
-            "or check the data with `noa-data check`.")
+    return (
+        f"Try a lower --lr (now {cfg.optim.lr:g}), a smaller --bptt-window, "
+        "or check the data with `noa-data check`."
+    )
 
 
 def stopped(accelerator: Accelerator, reason: str, state, path: Path) -> None:
@@ -142,18 +165,26 @@ def stopped(accelerator: Accelerator, reason: str, state, path: Path) -> None:
     )
 
 
-def final_summary(accelerator: Accelerator, outcome, run_dir: Path, wandb_location: str | None) -> None:
+def final_summary(
+    accelerator: Accelerator, outcome, run_dir: Path, wandb_location: str | None
+) -> None:
     p = accelerator.print
     st = outcome.state
     p("\n" + "=" * 64)
-    p(f"Training finished: {st.global_step} steps ({st.applied_steps} applied, {st.skipped_steps} skipped), "
-      f"{st.epoch} epoch(s)")
+    p(
+        f"Training finished: {st.global_step} steps ({st.applied_steps} applied, {st.skipped_steps} skipped), "
+        f"{st.epoch} epoch(s)"
+    )
     if outcome.val is not None:
         v = outcome.val
-        p(f"  Final one-step VRMSE {v.vrmse_per_step[0]:.4f} vs persistence {v.persistence_vrmse_per_step[0]:.4f} "
-          f"(ratio {v.one_step_ratio:.3f}; < 1 beats persistence)")
-        p(f"  Rollout VRMSE at step {len(v.vrmse_per_step)}: {v.vrmse_per_step[-1]:.4f} "
-          f"vs persistence {v.persistence_vrmse_per_step[-1]:.4f}")
+        p(
+            f"  Final one-step VRMSE {v.vrmse_per_step[0]:.4f} vs persistence {v.persistence_vrmse_per_step[0]:.4f} "
+            f"(ratio {v.one_step_ratio:.3f}; < 1 beats persistence)"
+        )
+        p(
+            f"  Rollout VRMSE at step {len(v.vrmse_per_step)}: {v.vrmse_per_step[-1]:.4f} "
+            f"vs persistence {v.persistence_vrmse_per_step[-1]:.4f}"
+        )
         p(f"  Best val loss: {st.best_val_loss:.6f}")
     p(f"  Run directory: {run_dir}")
     p(f"  Checkpoints:   {outcome.checkpoint_dir}")

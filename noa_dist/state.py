@@ -21,7 +21,13 @@ class TrainState:
     best_val_loss: float = math.inf
     epochs_without_improvement: int = 0
     history: dict[str, list[Any]] = field(
-        default_factory=lambda: {"step": [], "train_loss": [], "epoch": [], "val_loss": [], "skipped": []}
+        default_factory=lambda: {
+            "step": [],
+            "train_loss": [],
+            "epoch": [],
+            "val_loss": [],
+            "skipped": [],
+        }
     )
     wandb_run_id: str | None = None
     run_dir: str | None = None

@@ -72,8 +72,13 @@ def forward_backward(
     windows = iter_windows(lambda u: model(u, cond), u0, n_steps, bptt_window, tbptt_mode)
     for window in windows:
         window_target = target[:, window.start : window.stop]
-        loss = _inject(window.pred_BTCHW, lambda p: trajectory_mse(p, window_target),  # noqa: B023
-                       injection, accelerator.process_index, step_number)
+        loss = _inject(
+            window.pred_BTCHW,
+            lambda p: trajectory_mse(p, window_target),  # noqa: B023
+            injection,
+            accelerator.process_index,
+            step_number,
+        )
         if not distributed.all_finite(accelerator, loss):  # sync point: one all-reduce per window
             windows.close()
             return MicroStep(loss=loss.detach(), finite=False)
@@ -101,9 +106,13 @@ def apply_update(
     """
     if not loss_finite:
         stop = distributed.any_rank(accelerator, stop_requested)[0]  # sync point
-        return Update(applied=False, grad_norm=torch.full((), float("nan")), reason="loss", stop=stop)
+        return Update(
+            applied=False, grad_norm=torch.full((), float("nan")), reason="loss", stop=stop
+        )
     if distributed.uses_deepspeed(accelerator):
-        grad_norm = torch.tensor(float(accelerator.clip_grad_norm_(model.parameters(), max_grad_norm) or 0.0))
+        grad_norm = torch.tensor(
+            float(accelerator.clip_grad_norm_(model.parameters(), max_grad_norm) or 0.0)
+        )
         overflow = optimizer.step_was_skipped
     else:
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
@@ -118,7 +127,9 @@ def apply_update(
     return Update(applied=True, grad_norm=grad_norm.detach(), stop=stop)
 
 
-def describe_skip(accelerator: Accelerator, model: torch.nn.Module, update: Update, loss: torch.Tensor) -> str:
+def describe_skip(
+    accelerator: Accelerator, model: torch.nn.Module, update: Update, loss: torch.Tensor
+) -> str:
     """Which ranks saw what, gathered from every rank (rare path: runs only after a skip).
 
     Call before zeroing the gradients: it names the parameters whose gradient is non-finite.
@@ -126,17 +137,28 @@ def describe_skip(accelerator: Accelerator, model: torch.nn.Module, update: Upda
     if update.reason == "loss":
         local = {"rank": accelerator.process_index, "loss": float(loss)}
     elif distributed.uses_deepspeed(accelerator):
-        return ("non-finite gradients: DeepSpeed's global overflow check skipped the step on every rank "
-                "(ZeRO partitions gradients; run noa-diagnose on the last checkpoint to name the parameters)")
+        return (
+            "non-finite gradients: DeepSpeed's global overflow check skipped the step on every rank "
+            "(ZeRO partitions gradients; run noa-diagnose on the last checkpoint to name the parameters)"
+        )
     else:
-        local = {"rank": accelerator.process_index, "params": distributed.nonfinite_grad_names(model)}
+        local = {
+            "rank": accelerator.process_index,
+            "params": distributed.nonfinite_grad_names(model),
+        }
     reports = distributed.gather_reports(accelerator, local)
     if update.reason == "loss":
-        bad = [f"rank {r['rank']} (loss={r['loss']})" for r in reports if r["loss"] != r["loss"] or abs(r["loss"]) == float("inf")]
+        bad = [
+            f"rank {r['rank']} (loss={r['loss']})"
+            for r in reports
+            if r["loss"] != r["loss"] or abs(r["loss"]) == float("inf")
+        ]
         return "non-finite loss on " + ", ".join(bad)
     parts = []
     for r in reports:
         if r["params"]:
-            names = ", ".join(r["params"][:8]) + (f" (+{len(r['params']) - 8} more)" if len(r["params"]) > 8 else "")
+            names = ", ".join(r["params"][:8]) + (
+                f" (+{len(r['params']) - 8} more)" if len(r["params"]) > 8 else ""
+            )
             parts.append(f"rank {r['rank']}: {names}")
     return "non-finite gradients on " + "; ".join(parts)

@@ -23,7 +23,9 @@ class StopRequest:
         if self.reason is None:
             self.reason = reason
 
-    def install(self, signals: tuple[signal.Signals, ...] = (signal.SIGUSR1, signal.SIGTERM)) -> None:
+    def install(
+        self, signals: tuple[signal.Signals, ...] = (signal.SIGUSR1, signal.SIGTERM)
+    ) -> None:
         """Turn these signals into a stop request (the first one wins)."""
         for sig in signals:
             signal.signal(sig, lambda signum, _frame: self.request(signal.Signals(signum).name))

@@ -44,9 +44,13 @@ def _saved_run_id(path: Path | None) -> str | None:
 
 def prepare(cfg: Config) -> Trainer:
     """Check data, start the process group, build the trainer, restore state, start W&B."""
-    stable = cfg.checkpoint.run_name or cfg.checkpoint.checkpoint_dir or "SLURM_JOB_ID" in os.environ
+    stable = (
+        cfg.checkpoint.run_name or cfg.checkpoint.checkpoint_dir or "SLURM_JOB_ID" in os.environ
+    )
     if cfg.checkpoint.resume == "auto" and not stable:
-        raise ConfigError("--resume auto needs a stable place to look: give --run-name or --checkpoint-dir")
+        raise ConfigError(
+            "--resume auto needs a stable place to look: give --run-name or --checkpoint-dir"
+        )
     root = preflight.check_data(cfg)
     mode = tracking.wandb_mode(cfg.tracking.wandb_mode)
     accelerator = distributed.build_accelerator(
@@ -56,21 +60,37 @@ def prepare(cfg: Config) -> Trainer:
     )
     distributed.check_world(accelerator)
     run_dir = resolve_run_dir(cfg, accelerator)
-    accelerator.print(f"noa-dist: {accelerator.num_processes} process(es), {accelerator.distributed_type.name}, "
-                      f"device {accelerator.device}\nResolved configuration:\n{cfg.to_yaml()}")
+    accelerator.print(
+        f"noa-dist: {accelerator.num_processes} process(es), {accelerator.distributed_type.name}, "
+        f"device {accelerator.device}\nResolved configuration:\n{cfg.to_yaml()}"
+    )
     if warning := bptt_warning(cfg.data.timesteps, cfg.train.bptt_window, cfg.train.tbptt_mode):
         accelerator.print(f"Warning: {warning}")
     stop = StopRequest()
     stop.install()
     trainer = Trainer(cfg, accelerator, root, run_dir, stop)
-    accelerator.print(f"Model: U-AFNO with {trainer.n_params:,} parameters; "
-                      f"{len(trainer.train_set)} training windows, {trainer.steps_per_epoch} steps/epoch")
-    resume_path = checkpoint.resolve_resume(cfg.checkpoint.resume, trainer.checkpoint_dir) if cfg.checkpoint.resume else None
+    accelerator.print(
+        f"Model: U-AFNO with {trainer.n_params:,} parameters; "
+        f"{len(trainer.train_set)} training windows, {trainer.steps_per_epoch} steps/epoch"
+    )
+    resume_path = (
+        checkpoint.resolve_resume(cfg.checkpoint.resume, trainer.checkpoint_dir)
+        if cfg.checkpoint.resume
+        else None
+    )
     if cfg.checkpoint.resume == "auto" and resume_path is None:
-        accelerator.print(f"--resume auto: no complete checkpoint in {trainer.checkpoint_dir}; starting fresh")
-    run_id = tracking.start_run(accelerator, project=cfg.tracking.wandb_project, run_name=run_dir.name,
-                                run_dir=run_dir, config=cfg.to_dict(), mode=mode,
-                                resume_run_id=_saved_run_id(resume_path))
+        accelerator.print(
+            f"--resume auto: no complete checkpoint in {trainer.checkpoint_dir}; starting fresh"
+        )
+    run_id = tracking.start_run(
+        accelerator,
+        project=cfg.tracking.wandb_project,
+        run_name=run_dir.name,
+        run_dir=run_dir,
+        config=cfg.to_dict(),
+        mode=mode,
+        resume_run_id=_saved_run_id(resume_path),
+    )
     if resume_path is not None:
         trainer.restore(resume_path)
     elif cfg.checkpoint.init_from:

@@ -42,7 +42,9 @@ class Outcome:
     checkpoint_dir: Path
 
 
-def _loader(dataset, *, batch_sampler=None, sampler=None, batch_size=None, num_workers: int) -> DataLoader:
+def _loader(
+    dataset, *, batch_sampler=None, sampler=None, batch_size=None, num_workers: int
+) -> DataLoader:
     return DataLoader(
         dataset,
         batch_sampler=batch_sampler,
@@ -55,11 +57,19 @@ def _loader(dataset, *, batch_sampler=None, sampler=None, batch_size=None, num_w
 
 
 class Trainer:
-    def __init__(self, cfg: Config, accelerator: Accelerator, dataset_root: Path, run_dir: Path,
-                 stop: StopRequest | None = None) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        accelerator: Accelerator,
+        dataset_root: Path,
+        run_dir: Path,
+        stop: StopRequest | None = None,
+    ) -> None:
         self.cfg, self.accelerator, self.run_dir = cfg, accelerator, run_dir
         self.stop = stop or StopRequest()
-        self.injection = parse_nan_injection(cfg.debug.debug_inject_nan) if cfg.debug.debug_inject_nan else None
+        self.injection = (
+            parse_nan_injection(cfg.debug.debug_inject_nan) if cfg.debug.debug_inject_nan else None
+        )
         self.checkpoint_dir = Path(cfg.checkpoint.checkpoint_dir or run_dir / "checkpoints")
         self.state = TrainState(run_dir=str(run_dir))
         self.dataset_root = dataset_root
@@ -71,13 +81,20 @@ class Trainer:
     # ----------------------------------------------------------------- building
     def _build_data(self, root: Path) -> None:
         cfg, acc = self.cfg.data, self.accelerator
-        self.train_set = WellWindowDataset(root, "train", cfg.timesteps, n_samples=cfg.n_samples,
-                                           window_stride=cfg.window_stride)
-        self.val_set = WellWindowDataset(root, "valid", cfg.timesteps, n_samples=cfg.val_samples,
-                                         window_stride=cfg.window_stride)
+        self.train_set = WellWindowDataset(
+            root, "train", cfg.timesteps, n_samples=cfg.n_samples, window_stride=cfg.window_stride
+        )
+        self.val_set = WellWindowDataset(
+            root, "valid", cfg.timesteps, n_samples=cfg.val_samples, window_stride=cfg.window_stride
+        )
         self.sampler = DistributedBatchSampler(
-            len(self.train_set), cfg.batch_size, num_replicas=acc.num_processes,
-            rank=acc.process_index, seed=self.cfg.train.seed, shuffle=True, drop_last=True,
+            len(self.train_set),
+            cfg.batch_size,
+            num_replicas=acc.num_processes,
+            rank=acc.process_index,
+            seed=self.cfg.train.seed,
+            shuffle=True,
+            drop_last=True,
         )
         accum = self.cfg.optim.gradient_accumulation_steps
         self.steps_per_epoch = len(self.sampler) // accum
@@ -87,11 +104,19 @@ class Trainer:
                 f"--batch-size {cfg.batch_size} x {acc.num_processes} processes x "
                 f"--gradient-accumulation-steps {accum}; lower them or add data"
             )
-        self.train_loader = _loader(self.train_set, batch_sampler=self.sampler, num_workers=cfg.num_workers)
-        val_sampler = ShardedEvalSampler(len(self.val_set), num_replicas=acc.num_processes, rank=acc.process_index)
+        self.train_loader = _loader(
+            self.train_set, batch_sampler=self.sampler, num_workers=cfg.num_workers
+        )
+        val_sampler = ShardedEvalSampler(
+            len(self.val_set), num_replicas=acc.num_processes, rank=acc.process_index
+        )
         self.val_n_real = val_sampler.n_real
-        self.val_loader = _loader(self.val_set, sampler=val_sampler, batch_size=cfg.batch_size,
-                                  num_workers=min(cfg.num_workers, 1))
+        self.val_loader = _loader(
+            self.val_set,
+            sampler=val_sampler,
+            batch_size=cfg.batch_size,
+            num_workers=min(cfg.num_workers, 1),
+        )
 
     def total_steps(self) -> int:
         steps = self.cfg.train.epochs * self.steps_per_epoch
@@ -100,16 +125,27 @@ class Trainer:
     def _build_model(self) -> None:
         m, o = self.cfg.model, self.cfg.optim
         torch.manual_seed(self.cfg.train.seed)  # identical initial weights on every rank
-        model = build_model(m, in_channels=self.train_set.n_channels, cond_channels=self.train_set.n_cond_channels)
+        model = build_model(
+            m, in_channels=self.train_set.n_channels, cond_channels=self.train_set.n_cond_channels
+        )
         scale = delta_scale(self.train_set.layout, load_stats(self.dataset_root))
         model.delta_scale.copy_(torch.from_numpy(scale))
         self.n_params = sum(p.numel() for p in model.parameters())
         optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
-        distributed.configure_deepspeed(self.accelerator, micro_batch_size=self.cfg.data.batch_size,
-                                        gradient_clipping=o.max_grad_norm)
-        scheduler = build_scheduler(optimizer, warmup_steps=o.warmup_steps,
-                                    total_steps=self.total_steps(), schedule=o.lr_schedule)
-        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
+        distributed.configure_deepspeed(
+            self.accelerator,
+            micro_batch_size=self.cfg.data.batch_size,
+            gradient_clipping=o.max_grad_norm,
+        )
+        scheduler = build_scheduler(
+            optimizer,
+            warmup_steps=o.warmup_steps,
+            total_steps=self.total_steps(),
+            schedule=o.lr_schedule,
+        )
+        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(
+            model, optimizer, scheduler
+        )
 
     # ----------------------------------------------------------------- resume
     def restore(self, path: Path) -> None:
@@ -118,28 +154,47 @@ class Trainer:
         self.state = TrainState.from_dict(saved["state"])
         self.state.run_dir = str(self.run_dir)
         self.sampler.load_state_dict(saved["sampler"])
-        report.resume_summary(self.accelerator, path, self.state, self.steps_per_epoch * self.cfg.optim.gradient_accumulation_steps)
+        report.resume_summary(
+            self.accelerator,
+            path,
+            self.state,
+            self.steps_per_epoch * self.cfg.optim.gradient_accumulation_steps,
+        )
 
     def init_weights_from(self, path: Path) -> None:
         state_dict, _ = checkpoint.load_model_weights(path)
         self.accelerator.unwrap_model(self.model).load_state_dict(state_dict)
-        self.accelerator.print(f"Initialised model weights from {path} (optimizer and schedule start fresh)")
+        self.accelerator.print(
+            f"Initialised model weights from {path} (optimizer and schedule start fresh)"
+        )
 
     def _debug_hang_in_save(self, _models, _weights, output_dir: str) -> None:
         """--debug-hang-in-save STEP: stall inside that save so a test can kill it mid-write."""
         if self.state.global_step == self.cfg.debug.debug_hang_in_save:
-            print(f"debug: hanging inside the checkpoint save of step {self.state.global_step} "
-                  f"({output_dir}) until killed", flush=True)
+            print(
+                f"debug: hanging inside the checkpoint save of step {self.state.global_step} "
+                f"({output_dir}) until killed",
+                flush=True,
+            )
             while True:
                 time.sleep(3600)
 
     def _trainer_state(self) -> dict:
-        return {"state": self.state.to_dict(), "sampler": self.sampler.state_dict(self.state.batch_in_epoch),
-                "config": self.cfg.to_dict(), "args": sys.argv[1:]}
+        return {
+            "state": self.state.to_dict(),
+            "sampler": self.sampler.state_dict(self.state.batch_in_epoch),
+            "config": self.cfg.to_dict(),
+            "args": sys.argv[1:],
+        }
 
     def save(self) -> Path:
-        return checkpoint.save_checkpoint(self.accelerator, self.checkpoint_dir, self.state.global_step,
-                                          self._trainer_state(), keep_last=self.cfg.checkpoint.keep_last)
+        return checkpoint.save_checkpoint(
+            self.accelerator,
+            self.checkpoint_dir,
+            self.state.global_step,
+            self._trainer_state(),
+            keep_last=self.cfg.checkpoint.keep_last,
+        )
 
     # ----------------------------------------------------------------- loop
     def fit(self) -> Outcome:
@@ -172,8 +227,12 @@ class Trainer:
                 batch = distributed.batch_to_device(acc, next(batches))
             with acc.accumulate(self.model):
                 micro = forward_backward(
-                    acc, self.model, batch, bptt_window=self.cfg.train.bptt_window,
-                    tbptt_mode=self.cfg.train.tbptt_mode, step_number=st.global_step + 1,
+                    acc,
+                    self.model,
+                    batch,
+                    bptt_window=self.cfg.train.bptt_window,
+                    tbptt_mode=self.cfg.train.tbptt_mode,
+                    step_number=st.global_step + 1,
                     injection=self.injection,
                 )
             loss_finite &= micro.finite
@@ -183,8 +242,13 @@ class Trainer:
             if not acc.sync_gradients:
                 continue
             update = apply_update(
-                acc, self.model, self.optimizer, self.scheduler, max_grad_norm=self.cfg.optim.max_grad_norm,
-                loss_finite=loss_finite, stop_requested=self.stop.requested,
+                acc,
+                self.model,
+                self.optimizer,
+                self.scheduler,
+                max_grad_norm=self.cfg.optim.max_grad_norm,
+                loss_finite=loss_finite,
+                stop_requested=self.stop.requested,
             )
             loss_finite = True
             stop = self._after_update(update, micro.loss, meter, micro_per_epoch)
@@ -194,7 +258,9 @@ class Trainer:
         progress.close()
         return None, meter.epoch_mean()
 
-    def _after_update(self, update: Update, loss: torch.Tensor, meter: report.StepMeter, micro_per_epoch: int) -> str | None:
+    def _after_update(
+        self, update: Update, loss: torch.Tensor, meter: report.StepMeter, micro_per_epoch: int
+    ) -> str | None:
         st, cfg = self.state, self.cfg
         st.global_step += 1
         if update.applied:
@@ -224,7 +290,9 @@ class Trainer:
         st.history["skipped"].append(st.global_step)
         why = describe_skip(self.accelerator, self.model, update, loss)  # collective, rare path
         distributed.discard_gradients(self.model, self.optimizer)
-        self.accelerator.print(f"Warning: NaN/Inf at step {st.global_step}, skipping update on all ranks: {why}")
+        self.accelerator.print(
+            f"Warning: NaN/Inf at step {st.global_step}, skipping update on all ranks: {why}"
+        )
 
     def _abort_after_skips(self) -> None:
         path = self.save()  # the weights are those of the last applied step
@@ -236,7 +304,9 @@ class Trainer:
         )
 
     def _log_train(self, meter: report.StepMeter, micro_per_epoch: int) -> None:
-        metrics = meter.flush(lr=self.scheduler.get_last_lr()[0], skipped=self.state.skipped_steps)  # sync point
+        metrics = meter.flush(
+            lr=self.scheduler.get_last_lr()[0], skipped=self.state.skipped_steps
+        )  # sync point
         st = self.state
         st.history["step"].append(st.global_step)
         st.history["train_loss"].append(metrics["train/loss"])
@@ -249,9 +319,17 @@ class Trainer:
         improved = val.loss < st.best_val_loss
         if improved:
             st.best_val_loss, st.epochs_without_improvement = val.loss, 0
-            checkpoint.save_model_weights(self.accelerator, self.model, self.run_dir / "best",
-                                          {"config": self.cfg.to_dict(), "epoch": st.epoch,
-                                           "global_step": st.global_step, "val_loss": val.loss})
+            checkpoint.save_model_weights(
+                self.accelerator,
+                self.model,
+                self.run_dir / "best",
+                {
+                    "config": self.cfg.to_dict(),
+                    "epoch": st.epoch,
+                    "global_step": st.global_step,
+                    "val_loss": val.loss,
+                },
+            )
         else:
             st.epochs_without_improvement += 1
         st.history["epoch"].append(st.epoch)
@@ -263,24 +341,43 @@ class Trainer:
         return val
 
     def _log_validation(self, val: ValResult) -> None:
-        metrics = {"val/loss": val.loss, "val/vrmse_step_1": val.vrmse_per_step[0],
-                   "val/persistence_vrmse_step_1": val.persistence_vrmse_per_step[0],
-                   "val/vrmse_ratio_step_1": val.one_step_ratio, "epoch": self.state.epoch}
-        for k, (m, p) in enumerate(zip(val.vrmse_per_step, val.persistence_vrmse_per_step, strict=True), start=1):
+        metrics = {
+            "val/loss": val.loss,
+            "val/vrmse_step_1": val.vrmse_per_step[0],
+            "val/persistence_vrmse_step_1": val.persistence_vrmse_per_step[0],
+            "val/vrmse_ratio_step_1": val.one_step_ratio,
+            "epoch": self.state.epoch,
+        }
+        for k, (m, p) in enumerate(
+            zip(val.vrmse_per_step, val.persistence_vrmse_per_step, strict=True), start=1
+        ):
             metrics[f"val/vrmse_step_{k}"], metrics[f"val/persistence_vrmse_step_{k}"] = m, p
         tracking.log_metrics(self.accelerator, metrics, step=self.state.global_step)
         if self.accelerator.is_main_process and val.example is not None:
             truth, pred = val.example
-            figures = {"val/rollout": plots.rollout_figure(truth, pred, title=f"epoch {self.state.epoch + 1}"),
-                       "val/vrmse_per_step": plots.vrmse_figure(val.vrmse_per_step, val.persistence_vrmse_per_step)}
+            figures = {
+                "val/rollout": plots.rollout_figure(
+                    truth, pred, title=f"epoch {self.state.epoch + 1}"
+                ),
+                "val/vrmse_per_step": plots.vrmse_figure(
+                    val.vrmse_per_step, val.persistence_vrmse_per_step
+                ),
+            }
             for name, fig in figures.items():
-                plots.save_figure(fig, self.run_dir / "figures" / f"{name.split('/')[1]}_epoch{self.state.epoch + 1:03d}.png")
+                plots.save_figure(
+                    fig,
+                    self.run_dir
+                    / "figures"
+                    / f"{name.split('/')[1]}_epoch{self.state.epoch + 1:03d}.png",
+                )
             tracking.log_figures(self.accelerator, figures, step=self.state.global_step)
 
     def _early_stop(self) -> str | None:
         patience = self.cfg.train.early_stop_patience
         if patience and self.state.epochs_without_improvement >= patience:
-            self.accelerator.print(f"Early stopping: no validation improvement for {patience} epoch(s)")
+            self.accelerator.print(
+                f"Early stopping: no validation improvement for {patience} epoch(s)"
+            )
             return "early-stop"
         return None
 
@@ -289,4 +386,3 @@ class Trainer:
         if self.accelerator.is_main_process and h["train_loss"]:
             fig = plots.loss_curves_figure({"train": h["train_loss"], "val": h["val_loss"]})
             plots.save_figure(fig, self.run_dir / "figures" / "loss_curves.png")
-

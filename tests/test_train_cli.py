@@ -29,16 +29,26 @@ def dataset(tmp_path_factory):
     return make_tiny_dataset(tmp_path_factory.mktemp("data") / "tiny")
 
 
-def train_cli(args: list[str], tmp_path, *, env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def train_cli(
+    args: list[str], tmp_path, *, env_extra: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     env = env_for_test(tmp_path) | (env_extra or {})
-    return subprocess.run([sys.executable, str(TRAIN), *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=500)
+    return subprocess.run(
+        [sys.executable, str(TRAIN), *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=500,
+    )
 
 
 @pytest.mark.slow
 def test_training_command_logs_a_readable_offline_wandb_run_with_decreasing_loss(dataset, tmp_path):
     out = tmp_path / "runs"
-    flags = train_flags(dataset, out, "--epochs", "3", "--lr", "3e-3", "--tbptt-mode", "all-windows")
+    flags = train_flags(
+        dataset, out, "--epochs", "3", "--lr", "3e-3", "--tbptt-mode", "all-windows"
+    )
     flags[flags.index("--wandb-mode") + 1] = "offline"
     run = launch(1, [*flags], tmp_path, script=TRAIN)
     assert "Training finished: 36 steps" in run.stdout and "vs persistence" in run.stdout
@@ -48,7 +58,9 @@ def test_training_command_logs_a_readable_offline_wandb_run_with_decreasing_loss
     steps, losses = read_run(segments[0]).series("train/loss")
     assert len(losses) == 36 and all(math.isfinite(v) for v in losses)
     first, last = sum(losses[:8]) / 8, sum(losses[-8:]) / 8
-    assert last < 0.8 * first, f"loss did not decrease: first 8 steps {first:.4f}, last 8 {last:.4f}"
+    assert last < 0.8 * first, (
+        f"loss did not decrease: first 8 steps {first:.4f}, last 8 {last:.4f}"
+    )
     assert read_run(segments[0]).config["optim"]["lr"] == 3e-3
     for name in ("loss_curves.png", "rollout_epoch003.png", "vrmse_per_step_epoch003.png"):
         assert (run_dir / "figures" / name).stat().st_size > 1000
@@ -57,17 +69,47 @@ def test_training_command_logs_a_readable_offline_wandb_run_with_decreasing_loss
 
 
 def test_invalid_configuration_is_reported_all_at_once_without_traceback(dataset, tmp_path):
-    res = train_cli(["--dataset", str(dataset), "--timesteps", "0", "--lr", "-1", "--tbptt-mode", "sideways",
-                     "--bptt-window", "3"], tmp_path)
+    res = train_cli(
+        [
+            "--dataset",
+            str(dataset),
+            "--timesteps",
+            "0",
+            "--lr",
+            "-1",
+            "--tbptt-mode",
+            "sideways",
+            "--bptt-window",
+            "3",
+        ],
+        tmp_path,
+    )
     assert res.returncode == 2
     assert "Traceback" not in res.stderr
-    for expected in ("--timesteps: must be >= 1", "--lr: must be > 0", "--tbptt-mode: expected one of"):
+    for expected in (
+        "--timesteps: must be >= 1",
+        "--lr: must be > 0",
+        "--tbptt-mode: expected one of",
+    ):
         assert expected in res.stderr
 
 
 def test_config_that_does_not_fit_the_data_names_the_flag_and_the_stored_length(dataset, tmp_path):
-    res = train_cli(["--dataset", str(dataset), "--timesteps", "20", "--bptt-window", "4",
-                     "--encoder-levels", "5", "--wandb-mode", "disabled"], tmp_path)
+    res = train_cli(
+        [
+            "--dataset",
+            str(dataset),
+            "--timesteps",
+            "20",
+            "--bptt-window",
+            "4",
+            "--encoder-levels",
+            "5",
+            "--wandb-mode",
+            "disabled",
+        ],
+        tmp_path,
+    )
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert "--timesteps 20 needs 21 frames" in res.stderr and "stores 9" in res.stderr
     assert "not divisible by 2**encoder_levels = 32" in res.stderr
@@ -81,8 +123,16 @@ def test_long_rollout_without_window_warns_with_the_flag_to_add(dataset, tmp_pat
 
 def test_consecutive_skips_stop_training_with_a_diagnosis_and_a_checkpoint(dataset, tmp_path):
     out = tmp_path / "runs"
-    flags = train_flags(dataset, out, "--epochs", "1", "--debug-inject-nan", "0:2:grad",
-                        "--max-consecutive-skips", "1")
+    flags = train_flags(
+        dataset,
+        out,
+        "--epochs",
+        "1",
+        "--debug-inject-nan",
+        "0:2:grad",
+        "--max-consecutive-skips",
+        "1",
+    )
     res = train_cli(flags, tmp_path)
     assert res.returncode == 2
     assert "1 consecutive steps skipped (step 2)" in res.stderr
@@ -95,8 +145,13 @@ def test_single_process_run_under_accelerate_launch_matches_plain_python(dataset
     flags = train_flags(dataset, tmp_path / "a", "--epochs", "1")
     launch(1, flags, tmp_path / "launched")
     (launched,) = rank_results(tmp_path / "launched", 1)
-    plain = subprocess.run([sys.executable, str(WORKER), *train_flags(dataset, tmp_path / "b", "--epochs", "1")],
-                           cwd=REPO, env=env_for_test(tmp_path / "launched"), capture_output=True, text=True)
+    plain = subprocess.run(
+        [sys.executable, str(WORKER), *train_flags(dataset, tmp_path / "b", "--epochs", "1")],
+        cwd=REPO,
+        env=env_for_test(tmp_path / "launched"),
+        capture_output=True,
+        text=True,
+    )
     assert plain.returncode == 0, plain.stderr[-3000:]
     (direct,) = rank_results(tmp_path / "launched", 1)
     for name, value in launched["params"].items():

@@ -31,8 +31,12 @@ def dataset(tmp_path_factory):
 
 
 def run(dataset, out, stage: int | None, *extra: str) -> list[dict]:
-    launch(2, train_flags(dataset, out / "runs", "--epochs", "1", *extra), out,
-           extra_launch=zero_launch(stage) if stage else [])
+    launch(
+        2,
+        train_flags(dataset, out / "runs", "--epochs", "1", *extra),
+        out,
+        extra_launch=zero_launch(stage) if stage else [],
+    )
     return rank_results(out, 2)
 
 

@@ -48,7 +48,11 @@ def test_two_ranks_see_disjoint_data_and_end_with_identical_parameters(straight_
 @pytest.mark.parametrize("target", ["loss", "grad"])
 def test_nan_on_one_rank_skips_that_step_on_all_ranks(dataset, tmp_path, target):
     out = tmp_path
-    run = launch(2, train_flags(dataset, out / "runs", "--epochs", "1", "--debug-inject-nan", f"1:3:{target}"), out)
+    run = launch(
+        2,
+        train_flags(dataset, out / "runs", "--epochs", "1", "--debug-inject-nan", f"1:3:{target}"),
+        out,
+    )
     r0, r1 = rank_results(out, 2)
     for r in (r0, r1):
         assert r["state"]["history"]["skipped"] == [3]
@@ -60,7 +64,9 @@ def test_nan_on_one_rank_skips_that_step_on_all_ranks(dataset, tmp_path, target)
     assert "skipping update on all ranks" in run.stdout and "rank 1" in run.stdout
 
 
-def test_stop_and_resume_auto_is_bitwise_identical_to_a_straight_run(dataset, tmp_path, straight_run):
+def test_stop_and_resume_auto_is_bitwise_identical_to_a_straight_run(
+    dataset, tmp_path, straight_run
+):
     flags = train_flags(dataset, tmp_path / "runs", "--epochs", "2")
     first = launch(2, [*flags, "--stop-at-step", str(STEPS_PER_EPOCH + 2)], tmp_path / "first")
     assert "Stopped (stop-at-step)" in first.stdout
@@ -71,13 +77,21 @@ def test_stop_and_resume_auto_is_bitwise_identical_to_a_straight_run(dataset, tm
         assert_same_params(ref["params"], res["params"])
         assert res["state"]["history"]["train_loss"] == ref["state"]["history"]["train_loss"]
         assert res["state"]["history"]["val_loss"] == ref["state"]["history"]["val_loss"]
-    assert len(resumed[0]["seen"]) == (STEPS_PER_EPOCH - 2) * 2, "resume reads only the remaining batches"
+    assert len(resumed[0]["seen"]) == (STEPS_PER_EPOCH - 2) * 2, (
+        "resume reads only the remaining batches"
+    )
 
 
-def test_sigkill_mid_checkpoint_resumes_from_previous_complete_one_bitwise(dataset, tmp_path, straight_run):
+def test_sigkill_mid_checkpoint_resumes_from_previous_complete_one_bitwise(
+    dataset, tmp_path, straight_run
+):
     flags = train_flags(dataset, tmp_path / "runs", "--epochs", "2", "--save-every", "2")
-    launch_and_kill_when(2, [*flags, "--debug-hang-in-save", "4"], tmp_path / "killed",
-                         marker="hanging inside the checkpoint save of step 4")
+    launch_and_kill_when(
+        2,
+        [*flags, "--debug-hang-in-save", "4"],
+        tmp_path / "killed",
+        marker="hanging inside the checkpoint save of step 4",
+    )
     ckpts = tmp_path / "runs" / "run" / "checkpoints"
     assert (ckpts / ".step-00000004.tmp").is_dir(), "the killed save left its temp folder"
     assert not (ckpts / "step-00000004").exists()

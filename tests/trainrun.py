@@ -16,21 +16,61 @@ REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "dist" / "train_worker.py"
 
 # Small enough for a CPU test, large enough to have several steps per epoch on 2 ranks.
-TINY_MODEL = ["--base-channels", "8", "--encoder-levels", "2", "--afno-blocks", "1", "--afno-num-blocks", "4", "--modes", "4"]
+TINY_MODEL = [
+    "--base-channels",
+    "8",
+    "--encoder-levels",
+    "2",
+    "--afno-blocks",
+    "1",
+    "--afno-num-blocks",
+    "4",
+    "--modes",
+    "4",
+]
 
 
 def make_tiny_dataset(root: Path) -> Path:
     from noa_dist.data.generate import generate_dataset
 
-    return generate_dataset(root, n_trajectories=20, grid=16, timesteps=8, trajectories_per_shard=6,
-                            split_fractions=(0.6, 0.2, 0.2), workers=1, progress=False)
+    return generate_dataset(
+        root,
+        n_trajectories=20,
+        grid=16,
+        timesteps=8,
+        trajectories_per_shard=6,
+        split_fractions=(0.6, 0.2, 0.2),
+        workers=1,
+        progress=False,
+    )
 
 
 def train_flags(dataset: Path, out: Path, *extra: str) -> list[str]:
     return [
-        "--dataset", str(dataset), "--timesteps", "4", "--bptt-window", "2", "--batch-size", "2",
-        "--num-workers", "0", "--warmup-steps", "2", "--lr", "1e-3", "--log-every", "1",
-        "--output-dir", str(out), "--run-name", "run", "--wandb-mode", "disabled", *TINY_MODEL, *extra,
+        "--dataset",
+        str(dataset),
+        "--timesteps",
+        "4",
+        "--bptt-window",
+        "2",
+        "--batch-size",
+        "2",
+        "--num-workers",
+        "0",
+        "--warmup-steps",
+        "2",
+        "--lr",
+        "1e-3",
+        "--log-every",
+        "1",
+        "--output-dir",
+        str(out),
+        "--run-name",
+        "run",
+        "--wandb-mode",
+        "disabled",
+        *TINY_MODEL,
+        *extra,
     ]
 
 
@@ -56,37 +96,76 @@ def free_port() -> int:
 
 
 def env_for_test(out: Path) -> dict[str, str]:
-    env = dict(os.environ, NOA_TEST_OUT=str(out), OMP_NUM_THREADS="1", WANDB_MODE="disabled",
-               PYTHONUNBUFFERED="1", DS_ACCELERATOR="cpu")
+    env = dict(
+        os.environ,
+        NOA_TEST_OUT=str(out),
+        OMP_NUM_THREADS="1",
+        WANDB_MODE="disabled",
+        PYTHONUNBUFFERED="1",
+        DS_ACCELERATOR="cpu",
+    )
     env.pop("WORLD_SIZE", None)
     return env
 
 
-def launch_command(n_procs: int, script: Path, args: list[str], extra_launch: list[str] = ()) -> list[str]:
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no"]
+def launch_command(
+    n_procs: int, script: Path, args: list[str], extra_launch: list[str] = ()
+) -> list[str]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]
     if "--use_deepspeed" in extra_launch:
         cmd += ["--num_processes", str(n_procs), "--main_process_port", str(free_port())]
     elif n_procs > 1:
-        cmd += ["--multi_gpu", "--num_processes", str(n_procs), "--main_process_port", str(free_port())]
+        cmd += [
+            "--multi_gpu",
+            "--num_processes",
+            str(n_procs),
+            "--main_process_port",
+            str(free_port()),
+        ]
     else:
         cmd += ["--num_processes", "1"]
     return [*cmd, *extra_launch, str(script), *args]
 
 
-def launch(n_procs: int, args: list[str], out: Path, *, timeout: float = 300, script: Path = WORKER,
-           extra_launch: list[str] = ()) -> subprocess.CompletedProcess:
+def launch(
+    n_procs: int,
+    args: list[str],
+    out: Path,
+    *,
+    timeout: float = 300,
+    script: Path = WORKER,
+    extra_launch: list[str] = (),
+) -> subprocess.CompletedProcess:
     """Run the worker under accelerate launch; fail with its output if it fails or hangs."""
     out.mkdir(parents=True, exist_ok=True)
     cmd = launch_command(n_procs, script, args, extra_launch)
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env_for_test(out), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=env_for_test(out),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         stdout, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         kill_tree(proc)
         stdout, _ = proc.communicate()
-        raise AssertionError(f"launch timed out after {timeout}s (a deadlock?):\n{stdout[-4000:]}") from None
+        raise AssertionError(
+            f"launch timed out after {timeout}s (a deadlock?):\n{stdout[-4000:]}"
+        ) from None
     if proc.returncode != 0:
         raise AssertionError(f"launch failed ({proc.returncode}):\n{stdout[-6000:]}")
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, "")
@@ -103,11 +182,20 @@ def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> floa
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
 
 
-def launch_and_kill_when(n_procs: int, args: list[str], out: Path, marker: str, *, timeout: float = 300) -> str:
+def launch_and_kill_when(
+    n_procs: int, args: list[str], out: Path, marker: str, *, timeout: float = 300
+) -> str:
     """Start a launch, SIGKILL its whole process group once `marker` appears in its output."""
     out.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen(launch_command(n_procs, WORKER, args), cwd=REPO, env=env_for_test(out),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        launch_command(n_procs, WORKER, args),
+        cwd=REPO,
+        env=env_for_test(out),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     lines, deadline = [], time.monotonic() + timeout
     try:
         for line in proc.stdout:
@@ -136,4 +224,6 @@ def rank_results(out: Path, world_size: int) -> list[dict]:
 def assert_same_params(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
     assert a.keys() == b.keys()
     for name in a:
-        assert torch.equal(a[name], b[name]), f"{name} differs (max abs diff {(a[name] - b[name]).abs().max()})"
+        assert torch.equal(a[name], b[name]), (
+            f"{name} differs (max abs diff {(a[name] - b[name]).abs().max()})"
+        )
