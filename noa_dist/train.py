@@ -71,7 +71,7 @@ def prepare(cfg: Config) -> Trainer:
     trainer = Trainer(cfg, accelerator, root, run_dir, stop)
     accelerator.print(
         f"Model: U-AFNO with {trainer.n_params:,} parameters; "
-        f"{len(trainer.train_set)} training windows, {trainer.steps_per_epoch} steps/epoch"
+        f"{len(trainer.train_data)} training windows, {trainer.steps_per_epoch} steps/epoch"
     )
     resume_path = (
         checkpoint.resolve_resume(cfg.checkpoint.resume, trainer.checkpoint_dir)

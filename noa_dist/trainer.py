@@ -12,9 +12,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from noa_dist import checkpoint, distributed, plots, report, tracking
 from noa_dist.config import Config, parse_nan_injection
@@ -56,6 +57,18 @@ def _loader(
     )
 
 
+def spread_subset(dataset: WellWindowDataset, n: int | None, flag: str) -> Dataset:
+    """N windows spread evenly over the split (the first N would all come from its first
+    trajectories); the whole split when N is unset."""
+    if n is None or n == len(dataset):
+        return dataset
+    if n > len(dataset):
+        raise ConfigError(
+            f"{flag} {n}: the split has only {len(dataset)} windows ({dataset.info.root})"
+        )
+    return Subset(dataset, np.linspace(0, len(dataset) - 1, n).round().astype(int).tolist())
+
+
 class Trainer:
     def __init__(
         self,
@@ -82,13 +95,15 @@ class Trainer:
     def _build_data(self, root: Path) -> None:
         cfg, acc = self.cfg.data, self.accelerator
         self.train_set = WellWindowDataset(
-            root, "train", cfg.timesteps, n_samples=cfg.n_samples, window_stride=cfg.window_stride
+            root, "train", cfg.timesteps, window_stride=cfg.window_stride
         )
         self.val_set = WellWindowDataset(
-            root, "valid", cfg.timesteps, n_samples=cfg.val_samples, window_stride=cfg.window_stride
+            root, "valid", cfg.timesteps, window_stride=cfg.window_stride
         )
+        self.train_data = spread_subset(self.train_set, cfg.n_samples, "--n-samples")
+        self.val_data = spread_subset(self.val_set, cfg.val_samples, "--val-samples")
         self.sampler = DistributedBatchSampler(
-            len(self.train_set),
+            len(self.train_data),
             cfg.batch_size,
             num_replicas=acc.num_processes,
             rank=acc.process_index,
@@ -100,19 +115,19 @@ class Trainer:
         self.steps_per_epoch = len(self.sampler) // accum
         if self.steps_per_epoch == 0:
             raise ConfigError(
-                f"{len(self.train_set)} training windows are fewer than one optimizer step needs: "
+                f"{len(self.train_data)} training windows are fewer than one optimizer step needs: "
                 f"--batch-size {cfg.batch_size} x {acc.num_processes} processes x "
                 f"--gradient-accumulation-steps {accum}; lower them or add data"
             )
         self.train_loader = _loader(
-            self.train_set, batch_sampler=self.sampler, num_workers=cfg.num_workers
+            self.train_data, batch_sampler=self.sampler, num_workers=cfg.num_workers
         )
         val_sampler = ShardedEvalSampler(
-            len(self.val_set), num_replicas=acc.num_processes, rank=acc.process_index
+            len(self.val_data), num_replicas=acc.num_processes, rank=acc.process_index
         )
         self.val_n_real = val_sampler.n_real
         self.val_loader = _loader(
-            self.val_set,
+            self.val_data,
             sampler=val_sampler,
             batch_size=cfg.batch_size,
             num_workers=min(cfg.num_workers, 1),
