@@ -199,3 +199,11 @@ def batch_to_device(
     if dtype is not None:
         moved["u0"], moved["cond"] = moved["u0"].to(dtype), moved["cond"].to(dtype)
     return moved
+
+
+def shutdown(accelerator: Accelerator) -> None:
+    """Leave together: a barrier, then tear the process group down (a rank exiting while a peer's
+    gloo threads still run can abort it with 'terminate called without an active exception')."""
+    accelerator.wait_for_everyone()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

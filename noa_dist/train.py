@@ -114,7 +114,7 @@ def run(cfg: Config) -> Outcome:
     accelerator = trainer.accelerator
     report.final_summary(accelerator, outcome, trainer.run_dir, tracking.run_location(accelerator))
     tracking.finish(accelerator)
-    accelerator.wait_for_everyone()
+    distributed.shutdown(accelerator)
     return outcome
 
 

@@ -116,7 +116,7 @@ def test_rdzv_backend_in_a_config_file_is_ignored_so_the_command_line_must_pass_
 # ------------------------------------------------------------------ real 2-process launches
 SMOKE_SCRIPT = textwrap.dedent(
     """
-    import json, torch
+    import json, os, torch
     from noa_dist import distributed
 
     acc = distributed.build_accelerator(gradient_accumulation_steps=1, mixed_precision="no", log_with=None)
@@ -133,9 +133,11 @@ SMOKE_SCRIPT = textwrap.dedent(
     stage = model.zero_optimization_stage() if hasattr(model, "zero_optimization_stage") else None
     clip = model.gradient_clipping() if hasattr(model, "gradient_clipping") else None
     offload = model.zero_cpu_offload() if hasattr(model, "zero_cpu_offload") else None
-    print("RESULT " + json.dumps({"rank": acc.process_index, "world": acc.num_processes,
-          "wrapper": type(model).__name__, "stage": stage, "clip": clip, "offload": offload,
-          "weights": weights}), flush=True)
+    result = {"rank": acc.process_index, "world": acc.num_processes, "wrapper": type(model).__name__,
+              "stage": stage, "clip": clip, "offload": offload, "weights": weights}
+    # one file per rank: lines printed by two ranks at once can interleave
+    with open(os.path.join(os.environ["SMOKE_OUT"], f"rank{acc.process_index}.json"), "w") as f:
+        json.dump(result, f)
     """
 )
 
@@ -156,7 +158,7 @@ def smoke_launch(config: str, tmp_path: Path, timeout: float = 240) -> list[dict
         f"--main_process_port={free_port()}",
         str(script),
     ]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", SMOKE_OUT=str(tmp_path))
     env.pop("WORLD_SIZE", None)
     proc = subprocess.Popen(
         cmd,
@@ -174,9 +176,7 @@ def smoke_launch(config: str, tmp_path: Path, timeout: float = 240) -> list[dict
         output, _ = proc.communicate()
         raise AssertionError(f"launch timed out after {timeout}s:\n{output[-3000:]}") from None
     assert proc.returncode == 0, output[-4000:]
-    results = [
-        json.loads(line.split("RESULT ", 1)[1]) for line in output.splitlines() if "RESULT " in line
-    ]
+    results = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("rank*.json"))]
     return sorted(results, key=lambda r: r["rank"])
 
 

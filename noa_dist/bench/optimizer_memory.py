@@ -227,7 +227,9 @@ def measure_rank(args: argparse.Namespace) -> list[dict[str, object]] | None:
         args.mode, accelerator.process_index, accelerator.num_processes, n_params, **sizes
     )
     rows = gather_object([asdict(row)])
-    return rows if accelerator.is_main_process else None
+    is_main = accelerator.is_main_process
+    distributed.shutdown(accelerator)
+    return rows if is_main else None
 
 
 # ---------------------------------------------------------------------------- the parent

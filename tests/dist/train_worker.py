@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from noa_dist import train
+from noa_dist import distributed, train
 from noa_dist.config import load_config
 
 
@@ -50,7 +50,7 @@ def main() -> None:
         },
         out / f"rank{acc.process_index}.pt",
     )
-    acc.wait_for_everyone()
+    distributed.shutdown(acc)
 
 
 if __name__ == "__main__":
