@@ -376,6 +376,9 @@ try:
 except BaseException as err:
     (out / f"rank{rank}.txt").write_text(f"{type(err).__name__}: {err}")
     raise
+# Leave together: a rank exiting while its peer's gloo threads still run can abort (SIGABRT).
+accelerator.wait_for_everyone()
+torch.distributed.destroy_process_group()
 """
 CANONICAL_KEYS = {"0.weight", "0.bias", "2.weight", "2.bias"}
 

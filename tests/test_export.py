@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from trainrun import REPO, env_for_test, free_port, make_tiny_dataset, train_flags
+from trainrun import REPO, env_for_test, launch, make_tiny_dataset, train_flags, zero_launch
 
 from noa_dist.config import Config
 from noa_dist.errors import ConfigError, DataError
@@ -171,31 +171,8 @@ def test_cli_reports_a_bad_checkpoint_in_one_line_and_exit_code_2(tmp_path, caps
 def test_zero2_checkpoint_exports_the_same_weights_as_the_run_best_folder(tmp_path):
     """ZeRO-2 on 2 CPU ranks: the step folder holds only DeepSpeed shards (no model.safetensors)."""
     dataset = make_tiny_dataset(tmp_path / "data")
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--use_deepspeed",
-        "--zero_stage",
-        "2",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--gradient_clipping",
-        "1.0",
-        "--main_process_port",
-        str(free_port()),
-        str(REPO / "noa_dist" / "train.py"),
-        *train_flags(dataset, tmp_path / "out", "--epochs", "1"),
-    ]
-    env = dict(env_for_test(tmp_path), DS_ACCELERATOR="cpu")
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=500)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    flags = train_flags(dataset, tmp_path / "out", "--epochs", "1")
+    launch(2, flags, tmp_path, script=REPO / "noa_dist" / "train.py", extra_launch=zero_launch(2))
     run = tmp_path / "out" / "run"
     ckpt = step_checkpoint(run)
     assert not (ckpt / "model.safetensors").exists() and checkpoint_kind(ckpt) == "zero"
