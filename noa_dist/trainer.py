@@ -29,6 +29,7 @@ from noa_dist.schedule import build_scheduler
 from noa_dist.state import TrainState
 from noa_dist.step import Update, apply_update, describe_skip, forward_backward
 from noa_dist.stop import StopRequest
+from noa_dist.weights import load_weights
 
 
 class TrainingAborted(NoaError):
@@ -177,7 +178,8 @@ class Trainer:
         )
 
     def init_weights_from(self, path: Path) -> None:
-        state_dict, _ = checkpoint.load_model_weights(path)
+        """Weights only (fine-tuning) from a step checkpoint (DDP or ZeRO), best/ or an export."""
+        state_dict, _ = load_weights(path)
         self.accelerator.unwrap_model(self.model).load_state_dict(state_dict)
         self.accelerator.print(
             f"Initialised model weights from {path} (optimizer and schedule start fresh)"

@@ -156,3 +156,14 @@ def test_single_process_run_under_accelerate_launch_matches_plain_python(dataset
     (direct,) = rank_results(tmp_path / "launched", 1)
     for name, value in launched["params"].items():
         assert torch.equal(value, direct["params"][name]), name
+
+
+def test_init_from_an_export_loads_its_weights_and_starts_a_fresh_schedule(dataset, tmp_path):
+    first = train_cli(train_flags(dataset, tmp_path / "a", "--epochs", "1"), tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    exported = tmp_path / "a" / "run" / "best_model.pt"
+    flags = train_flags(dataset, tmp_path / "b", "--epochs", "1", "--init-from", str(exported))
+    second = train_cli(flags, tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"Initialised model weights from {exported}" in second.stdout
+    assert "Resuming" not in second.stdout
