@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from noa_dist.data.dataset import WellWindowDataset
 from noa_dist.losses import trajectory_mse
+from noa_dist.models.uafno import StepOutput
 from noa_dist.rollout import iter_windows, window_loss_weight
 
 
@@ -113,17 +114,17 @@ class _RecordingStep:
         self.window_states: list[Tensor] = []  # [input leaf, u_1, ..., u_W] of the current window
         self.step = 0
 
-    def __call__(self, u_BCHW: Tensor) -> Tensor:
+    def __call__(self, u_BCHW: Tensor) -> StepOutput:
         if torch.is_grad_enabled() and not u_BCHW.requires_grad:
             u_BCHW = u_BCHW.detach().requires_grad_()  # a new gradient window starts here
             self.window_states = [u_BCHW]
-        out_BCHW = self.model(u_BCHW, self.cond_BCHW)
-        self.pred_stats[self.step].add(out_BCHW)
+        out = self.model(u_BCHW, self.cond_BCHW)
+        self.pred_stats[self.step].add(out.state)
         self.step += 1
-        if out_BCHW.requires_grad:
-            out_BCHW.retain_grad()
-            self.window_states.append(out_BCHW)
-        return out_BCHW
+        if out.state.requires_grad:
+            out.state.retain_grad()
+            self.window_states.append(out.state)
+        return out
 
 
 def run_probe(

@@ -182,23 +182,12 @@ def backward(
             accelerator.backward(loss)
 
 
-def model_input_dtype(accelerator: Accelerator) -> torch.dtype | None:
-    """DeepSpeed keeps half-precision weights and does not autocast: inputs must match them."""
-    if uses_deepspeed(accelerator) and accelerator.mixed_precision in ("bf16", "fp16"):
-        return torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float16
-    return None
-
-
 def batch_to_device(
     accelerator: Accelerator, batch: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
-    """Move a batch to the device; model inputs (u0, cond) take the model's dtype under DeepSpeed
-    half precision, targets stay fp32 (losses and metrics are computed in fp32)."""
-    dtype = model_input_dtype(accelerator)
-    moved = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
-    if dtype is not None:
-        moved["u0"], moved["cond"] = moved["u0"].to(dtype), moved["cond"].to(dtype)
-    return moved
+    """Move a batch to the device, fp32 as read: the model casts its inputs to its weights'
+    dtype itself and keeps the autoregressive state in fp32."""
+    return {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
 
 
 def shutdown(accelerator: Accelerator) -> None:

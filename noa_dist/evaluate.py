@@ -14,6 +14,7 @@ from accelerate import Accelerator
 
 from noa_dist import distributed
 from noa_dist.metrics import persistence_prediction, vrmse
+from noa_dist.rollout import rollout_states
 
 
 @dataclass
@@ -32,18 +33,6 @@ class ValResult:
         return self.vrmse_per_step[0] / max(self.persistence_vrmse_per_step[0], 1e-12)
 
 
-@torch.no_grad()
-def rollout(
-    model: torch.nn.Module, u0: torch.Tensor, cond: torch.Tensor | None, steps: int
-) -> torch.Tensor:
-    """[B, C, H, W] -> [B, steps, C, H, W] through the (possibly wrapped) model."""
-    states, u = [], u0
-    for _ in range(steps):
-        u = model(u, cond)
-        states.append(u)
-    return torch.stack(states, dim=1)
-
-
 def evaluate(accelerator: Accelerator, model: torch.nn.Module, loader, n_real: int) -> ValResult:
     """Roll out every validation window; `n_real` = this rank's unpadded sample count."""
     was_training = model.training
@@ -55,7 +44,7 @@ def evaluate(accelerator: Accelerator, model: torch.nn.Module, loader, n_real: i
         batch = distributed.batch_to_device(accelerator, batch)
         u0, target, cond = batch["u0"], batch["target"], batch["cond"]
         cond = cond if cond.shape[1] > 0 else None
-        pred = rollout(model, u0, cond, target.shape[1])
+        pred = rollout_states(lambda u: model(u, cond), u0, target.shape[1])  # noqa: B023
         mask = (torch.arange(u0.shape[0], device=device) + seen < n_real).float()  # padding -> 0
         seen += u0.shape[0]
         per_sample_mse = ((pred.float() - target) ** 2).mean(dim=(1, 2, 3, 4))

@@ -4,9 +4,8 @@ Backpropagating through hundreds of autoregressive steps multiplies hundreds of 
 in the prototype the gradient norm grew from 1e3 to inf over ~1.6k batches while the forward
 stayed finite. TBPTT bounds both the gradient path and the activation memory by a window W.
 
-`iter_windows` yields windows; for each one the caller computes a loss on `pred_BTCHW`,
-checks it is finite on every rank and calls backward before asking for the next window.
-Nothing here knows about optimizers or processes. Step indices are 0-based over the T
+`iter_windows` yields windows; for each one the caller computes its loss terms and calls
+backward before asking for the next window. Nothing here knows about optimizers or processes. Step indices are 0-based over the T
 predicted states u_1..u_T: window [start, stop) predicts targets[:, start:stop].
 
 Modes (flag --tbptt-mode):
@@ -24,18 +23,29 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from noa_dist.models.uafno import StepOutput
+
 TBPTT_MODES = ("last", "all-windows")
 FULL_BPTT_WARN_ABOVE = 32  # full BPTT beyond this many steps is what blew up the prototype
 
-StepFn = Callable[[Tensor], Tensor]
+StepFn = Callable[[Tensor], StepOutput]
 
 
 class Window(NamedTuple):
-    """Predictions for steps [start, stop), [B, stop - start, C, H, W], with their graph."""
+    """Steps [start, stop) of a rollout with their graph: what a loss function sees.
+
+    `micro` and `step` locate the window in training (set by the step, 0 elsewhere), so a
+    skip report or a fault injection can name it.
+    """
 
     start: int
     stop: int
-    pred_BTCHW: Tensor
+    pred_BTCHW: Tensor  # [B, stop - start, C, H, W] fp32
+    bottleneck: tuple[Tensor, ...]  # per step: the features its state was decoded from
+    input_BCHW: Tensor  # the (detached) state the window starts from
+    index: int = 0  # window number within the micro-step (0-based)
+    micro: int = 0  # micro-step within the optimizer step (0-based)
+    step: int = 0  # optimizer step (1-based in training)
 
 
 def iter_windows(
@@ -58,16 +68,28 @@ def iter_windows(
     length = n_steps if window is None else min(window, n_steps)
     if mode == "last":
         u_BCHW = _warm_up(step_fn, u0_BCHW, n_steps - length)
-        yield Window(n_steps - length, n_steps, _unroll(step_fn, u_BCHW, length)[0])
+        yield _unroll(step_fn, u_BCHW, n_steps - length, n_steps, index=0)
         return
     u_BCHW = u0_BCHW
-    for start in range(0, n_steps, length):
-        stop = min(start + length, n_steps)
-        pred_BTCHW, last_BCHW = _unroll(step_fn, u_BCHW, stop - start)
-        u_BCHW = last_BCHW.detach()  # the next window starts a fresh graph
-        del last_BCHW
-        yield Window(start, stop, pred_BTCHW)
-        del pred_BTCHW  # do not keep the previous window alive while building the next
+    for index, start in enumerate(range(0, n_steps, length)):
+        window_ = _unroll(step_fn, u_BCHW, start, min(start + length, n_steps), index)
+        # the next window starts a fresh graph; a copy, so the stacked window can be freed
+        u_BCHW = window_.pred_BTCHW[:, -1].detach().clone()
+        yield window_
+        del window_  # do not keep the previous window alive while building the next
+
+
+def count_windows(n_steps: int, window: int | None, mode: str) -> int:
+    """How many windows `iter_windows` yields for these settings."""
+    if mode == "last" or window is None or window >= n_steps:
+        return 1
+    return -(-n_steps // window)
+
+
+@torch.no_grad()
+def rollout_states(step_fn: StepFn, u0_BCHW: Tensor, n_steps: int) -> Tensor:
+    """Autoregressive rollout without a graph (evaluation): [B, n_steps, C, H, W] fp32."""
+    return _unroll(step_fn, u0_BCHW, 0, n_steps, index=0).pred_BTCHW
 
 
 def window_loss_weight(window: Window, n_steps: int, mode: str) -> float:
@@ -119,14 +141,16 @@ def _warm_up(step_fn: StepFn, u_BCHW: Tensor, steps: int) -> Tensor:
     """Advance `steps` steps without building a graph; returns a state with no history."""
     with torch.no_grad():
         for _ in range(steps):
-            u_BCHW = step_fn(u_BCHW)
+            u_BCHW = step_fn(u_BCHW).state
     return u_BCHW
 
 
-def _unroll(step_fn: StepFn, u_BCHW: Tensor, steps: int) -> tuple[Tensor, Tensor]:
-    """`steps` steps in the ambient grad mode: (stacked states [B, steps, ...], last state)."""
-    states = []
-    for _ in range(steps):
-        u_BCHW = step_fn(u_BCHW)
-        states.append(u_BCHW)
-    return torch.stack(states, dim=1), u_BCHW
+def _unroll(step_fn: StepFn, u_BCHW: Tensor, start: int, stop: int, index: int) -> Window:
+    """Steps [start, stop) from state u in the ambient grad mode."""
+    input_BCHW, states, features = u_BCHW.detach(), [], []
+    for _ in range(start, stop):
+        out = step_fn(u_BCHW)
+        u_BCHW = out.state
+        states.append(out.state)
+        features.append(out.bottleneck)
+    return Window(start, stop, torch.stack(states, dim=1), tuple(features), input_BCHW, index)

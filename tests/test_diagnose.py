@@ -216,7 +216,7 @@ def test_probe_state_gradients_equal_autograd_through_a_plain_rollout(trained_ru
     u0 = batch["u0"].clone().requires_grad_()
     states = [u0]
     for _ in range(3):
-        states.append(model(states[-1], batch["cond"]))
+        states.append(model(states[-1], batch["cond"]).state)
     loss = trajectory_mse(torch.stack(states[1:], dim=1), batch["target"])
     expected = [g.norm().item() for g in torch.autograd.grad(loss, states)]  # u_0 .. u_3
     measured = {row["depth"]: row["grad_norm"] for row in probe.depth.rows()}

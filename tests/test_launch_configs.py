@@ -158,7 +158,13 @@ def smoke_launch(config: str, tmp_path: Path, timeout: float = 240) -> list[dict
         f"--main_process_port={free_port()}",
         str(script),
     ]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", SMOKE_OUT=str(tmp_path))
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+        SMOKE_OUT=str(tmp_path),
+        PYTHONPATH=str(REPO),
+    )
     env.pop("WORLD_SIZE", None)
     proc = subprocess.Popen(
         cmd,

@@ -10,7 +10,15 @@ import torch
 from torch import nn
 
 from noa_dist.losses import trajectory_mse
-from noa_dist.rollout import bptt_warning, iter_windows, validate_bptt, window_loss_weight
+from noa_dist.models.uafno import StepOutput
+from noa_dist.rollout import (
+    bptt_warning,
+    count_windows,
+    iter_windows,
+    rollout_states,
+    validate_bptt,
+    window_loss_weight,
+)
 
 
 class Stepper(nn.Module):
@@ -22,9 +30,10 @@ class Stepper(nn.Module):
         self.conv = nn.Conv2d(2, 2, 3, padding=1, padding_mode="circular")
         self.grad_enabled_per_call: list[bool] = []
 
-    def forward(self, u_BCHW: torch.Tensor) -> torch.Tensor:
+    def forward(self, u_BCHW: torch.Tensor) -> StepOutput:
         self.grad_enabled_per_call.append(torch.is_grad_enabled())
-        return u_BCHW + 0.1 * torch.tanh(self.conv(u_BCHW))
+        features_BCHW = torch.tanh(self.conv(u_BCHW))
+        return StepOutput(u_BCHW + 0.1 * features_BCHW, features_BCHW)
 
 
 def _u0(requires_grad: bool = False) -> torch.Tensor:
@@ -106,20 +115,33 @@ def test_windows_reproduce_the_plain_rollout():
     with torch.no_grad():
         states, u = [], u0
         for _ in range(7):
-            u = step(u)
+            u = step(u).state
             states.append(u)
         expected_BTCHW = torch.stack(states, dim=1)
         windows = list(iter_windows(step, u0, n_steps=7, window=3, mode="all-windows"))
         (last,) = iter_windows(step, u0, n_steps=7, window=3, mode="last")
     torch.testing.assert_close(torch.cat([w.pred_BTCHW for w in windows], dim=1), expected_BTCHW)
     torch.testing.assert_close(last.pred_BTCHW, expected_BTCHW[:, 4:])
+    torch.testing.assert_close(rollout_states(step, u0, 7), expected_BTCHW)
 
+
+def test_windows_carry_their_bottleneck_input_and_index():
+    step, u0 = Stepper(), _u0()
+    windows = list(iter_windows(step, u0, n_steps=7, window=3, mode="all-windows"))
+    assert [w.index for w in windows] == [0, 1, 2] == list(range(count_windows(7, 3, "all-windows")))
+    assert [len(w.bottleneck) for w in windows] == [3, 3, 1]
+    torch.testing.assert_close(windows[0].input_BCHW, u0)
+    torch.testing.assert_close(windows[1].input_BCHW, windows[0].pred_BTCHW[:, -1])
+    assert not windows[1].input_BCHW.requires_grad
+    with torch.no_grad():
+        torch.testing.assert_close(windows[2].bottleneck[0], step(windows[2].input_BCHW).bottleneck)
+    assert count_windows(7, 3, "last") == count_windows(7, None, "all-windows") == 1
 
 def test_previous_window_is_freed_before_the_next_one_is_built():
     step, first_pred = Stepper(), None
     alive_during_next_window: list[bool] = []
 
-    def step_fn(u_BCHW: torch.Tensor) -> torch.Tensor:
+    def step_fn(u_BCHW: torch.Tensor) -> StepOutput:
         if first_pred is not None:  # refcounting frees it at once: no gc.collect() needed
             alive_during_next_window.append(first_pred() is not None)
         return step(u_BCHW)

@@ -9,6 +9,10 @@ import torch
 from noa_dist.models.uafno import UAFNO, level_widths, periodic_upsample2x
 
 
+def _step(model: UAFNO, u_BCHW, cond_BCHW=None) -> torch.Tensor:
+    return model(u_BCHW, cond_BCHW).state
+
+
 def _small(**kwargs) -> UAFNO:
     torch.manual_seed(0)
     config = dict(in_channels=2, base_channels=8, afno_blocks=1, afno_num_blocks=4)
@@ -27,13 +31,14 @@ def test_output_shape_matches_input_on_64_and_32_grids():
     model = _small()
     for size in (64, 32):
         u_BCHW = torch.randn(2, 2, size, size)
-        assert model(u_BCHW).shape == (2, 2, size, size)
+        out = model(u_BCHW)
+        assert out.state.shape == (2, 2, size, size) and out.state.dtype == torch.float32
 
 
 def test_default_bottleneck_is_256_channels_on_8x8_for_64x64_input():
     model = UAFNO(in_channels=1, cond_channels=4)
     assert level_widths(32, 3, 8) == [64, 128, 256]  # stem 32 -> doubled per level
-    features = model.bottleneck_features(torch.randn(1, 1, 64, 64), torch.randn(1, 4, 64, 64))
+    features = model(torch.randn(1, 1, 64, 64), torch.randn(1, 4, 64, 64)).bottleneck
     assert features.shape == (1, 256, 8, 8)
 
 
@@ -44,16 +49,16 @@ def test_channel_growth_stops_at_cap():
 def test_zero_initialised_head_makes_untrained_model_persistence():
     model = _small(cond_channels=1)
     u_BCHW = torch.randn(1, 2, 16, 16)
-    assert torch.equal(model.single_step(u_BCHW, torch.randn(1, 1, 16, 16)), u_BCHW)
+    assert torch.equal(_step(model, u_BCHW, torch.randn(1, 1, 16, 16)), u_BCHW)
 
 
 def test_conditioning_fields_change_the_prediction():
     model = _randomize_head(_small(cond_channels=1))
     u_BCHW = torch.randn(1, 2, 16, 16)
-    out = model(u_BCHW, torch.zeros(1, 1, 16, 16))
-    assert (model(u_BCHW, torch.randn(1, 1, 16, 16)) - out).abs().max() > 1e-2
+    out = _step(model, u_BCHW, torch.zeros(1, 1, 16, 16))
+    assert (_step(model, u_BCHW, torch.randn(1, 1, 16, 16)) - out).abs().max() > 1e-2
     # a spatially uniform field too (an InstanceNorm right after the stem would erase it)
-    assert (model(u_BCHW, torch.ones(1, 1, 16, 16)) - out).abs().max() > 1e-2
+    assert (_step(model, u_BCHW, torch.ones(1, 1, 16, 16)) - out).abs().max() > 1e-2
 
 
 def test_increment_depends_on_state_level_and_amplitude():
@@ -61,29 +66,45 @@ def test_increment_depends_on_state_level_and_amplitude():
     model = _randomize_head(_small())
     u_BCHW = torch.randn(1, 2, 16, 16)
     with torch.no_grad():
-        delta = model(u_BCHW) - u_BCHW
-        delta_affine = model(2 * u_BCHW + 1) - (2 * u_BCHW + 1)
+        delta = _step(model, u_BCHW) - u_BCHW
+        delta_affine = _step(model, 2 * u_BCHW + 1) - (2 * u_BCHW + 1)
     assert (delta_affine - delta).abs().max() > 1e-1
 
 
-def test_rollout_stacks_repeated_single_steps():
+def test_bottleneck_is_the_one_the_state_was_decoded_from():
+    """One forward gives both: the decoder's input and the next state, no second encoder pass."""
     model = _randomize_head(_small())
-    u0_BCHW = torch.randn(1, 2, 16, 16)
+    u_BCHW = torch.randn(1, 2, 16, 16)
+    captured = []
+    model.afno.register_forward_hook(lambda _m, _i, out: captured.append(out))
+    out = model(u_BCHW)
+    assert len(captured) == 1
+    torch.testing.assert_close(out.bottleneck, captured[0].permute(0, 3, 1, 2))
+
+
+def test_bf16_weights_keep_the_state_in_fp32():
+    """Under DeepSpeed bf16 the weights are bf16 and nothing autocasts: the network computes
+    in bf16, but the increment is added to an fp32 state (a bf16 state loses ~3 digits a step)."""
+    model = _randomize_head(_small())
     with torch.no_grad():
-        states_BTCHW = model.rollout(u0_BCHW, steps=3)
-        expected = model(model(model(u0_BCHW)))
-    assert states_BTCHW.shape == (1, 3, 2, 16, 16)
-    torch.testing.assert_close(states_BTCHW[:, -1], expected)
+        model.head.weight.mul_(1e-3)
+        model.head.bias.mul_(1e-3)
+    model = model.to(torch.bfloat16)
+    u_BCHW = torch.randn(1, 2, 16, 16) + 1000  # where bf16's spacing is 4 or 8
+    out = model(u_BCHW)
+    assert out.state.dtype == torch.float32 and out.bottleneck.dtype == torch.bfloat16
+    delta = (out.state - u_BCHW).abs()
+    assert 0 < delta.max() < 1  # a bf16 state would move by a multiple of 4
 
 
 def test_head_gets_gradient_at_init_and_every_parameter_after():
     model = _small(cond_channels=1)
     u_BCHW, cond_BCHW = torch.randn(1, 2, 16, 16), torch.randn(1, 1, 16, 16)
-    model(u_BCHW, cond_BCHW).square().mean().backward()
+    _step(model, u_BCHW, cond_BCHW).square().mean().backward()
     assert model.head.weight.grad.abs().sum() > 0  # so the first update can leave persistence
     model.zero_grad()
     _randomize_head(model)
-    model(u_BCHW, cond_BCHW).square().mean().backward()
+    _step(model, u_BCHW, cond_BCHW).square().mean().backward()
     for name, param in model.named_parameters():
         assert param.grad is not None and param.grad.abs().sum() > 0, name
 
@@ -93,8 +114,8 @@ def test_output_rolls_with_input_for_shifts_on_the_coarse_lattice():
     u_BCHW, cond_BCHW = torch.randn(1, 2, 32, 32), torch.randn(1, 1, 32, 32)
     shift, dims = (8, -16), (2, 3)  # multiples of 2**encoder_levels
     with torch.no_grad():
-        out = model(u_BCHW, cond_BCHW)
-        rolled = model(torch.roll(u_BCHW, shift, dims), torch.roll(cond_BCHW, shift, dims))
+        out = _step(model, u_BCHW, cond_BCHW)
+        rolled = _step(model, torch.roll(u_BCHW, shift, dims), torch.roll(cond_BCHW, shift, dims))
     torch.testing.assert_close(rolled, torch.roll(out, shift, dims), atol=1e-4, rtol=1e-5)
 
 
@@ -117,8 +138,6 @@ def test_missing_or_misshaped_conditioning_is_rejected():
     u_BCHW = torch.randn(1, 2, 32, 32)
     with pytest.raises(ValueError, match=r"cond_BCHW must have shape \(1, 3, 32, 32\), got None"):
         model(u_BCHW)
-    with pytest.raises(ValueError, match="got None"):
-        model.bottleneck_features(u_BCHW)
     with pytest.raises(ValueError, match="cond_channels=0"):
         _small()(u_BCHW, torch.randn(1, 3, 32, 32))
 

@@ -201,12 +201,9 @@ def measure_rank(args: argparse.Namespace) -> list[dict[str, object]] | None:
     weight_dtype = next(module.parameters()).dtype
     for step in range(args.steps):
         batch = _random_batch(args, accelerator.process_index, step)
-        # DeepSpeed's bf16 holds bf16 weights and does not autocast: feed it bf16 inputs.
-        u_BCHW, cond_BCHW, target_BCHW = (t.to(weight_dtype) for t in batch)
+        u_BCHW, cond_BCHW, target_BCHW = batch  # the model casts to its weights' dtype itself
         with accelerator.autocast():  # DDP + bf16: autocast over fp32 weights
-            loss = torch.nn.functional.mse_loss(
-                model(u_BCHW, cond_BCHW).float(), target_BCHW.float()
-            )
+            loss = torch.nn.functional.mse_loss(model(u_BCHW, cond_BCHW).state, target_BCHW)
         # accelerator.backward would also run DeepSpeed's step; we measure between the two.
         if zero is not None:
             model.backward(loss)

@@ -19,11 +19,25 @@ net(u) for a > 0) and erases spatially uniform conditioning fields entirely.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from noa_dist.models.afno import AFNOBlock
+
+
+class StepOutput(NamedTuple):
+    """One forward pass: the next state and the bottleneck features it was decoded from.
+
+    `state` is fp32 whatever the weights' dtype (the autoregressive state must not round to
+    bf16 at every step); `bottleneck` is in the compute dtype, for latent losses that need the
+    features of this very forward (a second encoder pass would bypass DDP/ZeRO-3 hooks).
+    """
+
+    state: Tensor  # [B, C, H, W] fp32
+    bottleneck: Tensor  # [B, bottleneck_channels, H / 2**levels, W / 2**levels]
 
 
 def circular_conv3x3(
@@ -148,29 +162,19 @@ class UAFNO(nn.Module):
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
 
-    def forward(self, u_BCHW: Tensor, cond_BCHW: Tensor | None = None) -> Tensor:
-        """One step: u(t) -> u(t + dt)."""
-        return self.single_step(u_BCHW, cond_BCHW)
+    def forward(self, u_BCHW: Tensor, cond_BCHW: Tensor | None = None) -> StepOutput:
+        """One step u(t) -> u(t + dt), [B, in_channels, H, W] -> [B, out_channels, H, W].
 
-    def single_step(self, u_BCHW: Tensor, cond_BCHW: Tensor | None = None) -> Tensor:
-        """One step: u(t) -> u(t + dt), [B, in_channels, H, W] -> [B, out_channels, H, W]."""
-        bottleneck_BCHW, skips = self._encode(u_BCHW, cond_BCHW)
-        out_BCHW = self.head(self._decode(bottleneck_BCHW, skips))
+        The network runs in its weights' dtype (bf16 under DeepSpeed half precision, where
+        nothing autocasts); the increment is added to the state in fp32.
+        """
+        compute_dtype = self.stem.weight.dtype
+        bottleneck_BCHW, skips = self._encode(u_BCHW.to(compute_dtype), cond_BCHW)
+        out_BCHW = self.head(self._decode(bottleneck_BCHW, skips)).float()
         if not self.predict_delta:
-            return out_BCHW
-        return u_BCHW + out_BCHW * self.delta_scale.to(out_BCHW.dtype)[:, None, None]
-
-    def rollout(self, u0_BCHW: Tensor, steps: int, cond_BCHW: Tensor | None = None) -> Tensor:
-        """Autoregressive rollout from u0: the `steps` predicted states, [B, steps, C, H, W]."""
-        states, u_BCHW = [], u0_BCHW
-        for _ in range(steps):
-            u_BCHW = self.single_step(u_BCHW, cond_BCHW)
-            states.append(u_BCHW)
-        return torch.stack(states, dim=1)
-
-    def bottleneck_features(self, u_BCHW: Tensor, cond_BCHW: Tensor | None = None) -> Tensor:
-        """Coarse-grid latent after the AFNO blocks, [B, bottleneck_channels, H/2**L, W/2**L]."""
-        return self._encode(u_BCHW, cond_BCHW)[0]
+            return StepOutput(out_BCHW, bottleneck_BCHW)
+        scale_C11 = self.delta_scale.float()[:, None, None]
+        return StepOutput(u_BCHW.float() + out_BCHW * scale_C11, bottleneck_BCHW)
 
     def param_count(self) -> int:
         """Number of trainable parameters."""
