@@ -128,7 +128,9 @@ def test_windows_reproduce_the_plain_rollout():
 def test_windows_carry_their_bottleneck_input_and_index():
     step, u0 = Stepper(), _u0()
     windows = list(iter_windows(step, u0, n_steps=7, window=3, mode="all-windows"))
-    assert [w.index for w in windows] == [0, 1, 2] == list(range(count_windows(7, 3, "all-windows")))
+    assert (
+        [w.index for w in windows] == [0, 1, 2] == list(range(count_windows(7, 3, "all-windows")))
+    )
     assert [len(w.bottleneck) for w in windows] == [3, 3, 1]
     torch.testing.assert_close(windows[0].input_BCHW, u0)
     torch.testing.assert_close(windows[1].input_BCHW, windows[0].pred_BTCHW[:, -1])
@@ -136,6 +138,7 @@ def test_windows_carry_their_bottleneck_input_and_index():
     with torch.no_grad():
         torch.testing.assert_close(windows[2].bottleneck[0], step(windows[2].input_BCHW).bottleneck)
     assert count_windows(7, 3, "last") == count_windows(7, None, "all-windows") == 1
+
 
 def test_previous_window_is_freed_before_the_next_one_is_built():
     step, first_pred = Stepper(), None

@@ -103,7 +103,9 @@ def env_for_test(out: Path) -> dict[str, str]:
         WANDB_MODE="disabled",
         PYTHONUNBUFFERED="1",
         DS_ACCELERATOR="cpu",
-        PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+        PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(
+            os.pathsep
+        ),
     )  # PYTHONPATH: launched ranks import this checkout's noa_dist, whatever is installed
     env.pop("WORLD_SIZE", None)
     return env

@@ -90,7 +90,9 @@ def measure_step(
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
     with meter.counting():
-        for w in iter_windows(model, u0_BCHW, n_steps, window, tbptt_mode):  # model(u) -> StepOutput
+        for w in iter_windows(
+            model, u0_BCHW, n_steps, window, tbptt_mode
+        ):  # model(u) -> StepOutput
             loss = trajectory_mse(w.pred_BTCHW, target_BTCHW[:, w.start : w.stop])
             (loss * window_loss_weight(w, n_steps, tbptt_mode)).backward()
             peak, n_windows = max(peak, meter.bytes), n_windows + 1

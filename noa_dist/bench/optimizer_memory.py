@@ -198,7 +198,6 @@ def measure_rank(args: argparse.Namespace) -> list[dict[str, object]] | None:
     _check_wrapping(accelerator, model, args.mode)
     zero, module = zero_optimizer(model), accelerator.unwrap_model(model)
     counter, sizes = StorageCounter(), {}
-    weight_dtype = next(module.parameters()).dtype
     for step in range(args.steps):
         batch = _random_batch(args, accelerator.process_index, step)
         u_BCHW, cond_BCHW, target_BCHW = batch  # the model casts to its weights' dtype itself
