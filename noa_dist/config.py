@@ -133,7 +133,9 @@ class DebugConfig:
         default=None,
     )
     debug_inject_nan: str | None = _doc(
-        "fault injection for testing skip-together: 'RANK:STEP[:loss|grad]' makes that rank's loss (or gradients) NaN at that optimizer step",
+        "fault injection for testing skip-together: RANK:STEP[:loss|grad|TERM][:micro=M][:window=K] "
+        "(several separated by commas) makes that rank's loss term (or gradients) NaN at that "
+        "optimizer step (all its micro-steps and windows unless given); see noa_dist/faults.py",
         default=None,
     )
 
@@ -343,8 +345,10 @@ def config_problems(cfg: Config) -> list[str]:
     if cfg.train.tbptt_mode in CHOICES["tbptt_mode"] and cfg.data.timesteps >= 1:
         problems += validate_bptt(cfg.data.timesteps, cfg.train.bptt_window, cfg.train.tbptt_mode)
     if cfg.debug.debug_inject_nan is not None:
+        from noa_dist.faults import parse_nan_injections
+
         try:
-            parse_nan_injection(cfg.debug.debug_inject_nan)
+            parse_nan_injections(cfg.debug.debug_inject_nan)
         except ValueError as exc:
             problems.append(str(exc))
     if cfg.checkpoint.resume is not None and cfg.checkpoint.init_from is not None:
@@ -358,26 +362,3 @@ def validate(cfg: Config) -> None:
     problems = config_problems(cfg)
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
-
-
-@dataclass(frozen=True)
-class NanInjection:
-    rank: int
-    step: int
-    target: str  # "loss" or "grad"
-
-
-def parse_nan_injection(spec: str) -> NanInjection:
-    """'1:5' or '1:5:grad' -> NanInjection(rank=1, step=5, target=...)."""
-    parts = spec.split(":")
-    try:
-        if len(parts) not in (2, 3):
-            raise ValueError
-        target = parts[2] if len(parts) == 3 else "loss"
-        if target not in ("loss", "grad"):
-            raise ValueError
-        return NanInjection(rank=int(parts[0]), step=int(parts[1]), target=target)
-    except ValueError:
-        raise ValueError(
-            f"--debug-inject-nan: expected RANK:STEP[:loss|grad], got {spec!r}"
-        ) from None

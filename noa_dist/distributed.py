@@ -8,8 +8,12 @@ decision runs one collective on every rank.
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
+from collections.abc import Callable
 from datetime import timedelta
+from typing import TypeVar
 
 import torch
 from accelerate import Accelerator
@@ -19,7 +23,9 @@ from accelerate.utils import (
     gather_object,
 )
 
-from noa_dist.errors import ConfigError
+from noa_dist.errors import ConfigError, NoaError
+
+T = TypeVar("T")
 
 
 def process_group_backend() -> str:
@@ -89,11 +95,6 @@ def nonfinite(value: torch.Tensor) -> torch.Tensor:
     return ~torch.isfinite(value.detach()).all()
 
 
-def all_finite(accelerator: Accelerator, value: torch.Tensor) -> bool:
-    """True on every rank only if `value` is finite on every rank. # sync point"""
-    return not any_rank(accelerator, nonfinite(value))[0]
-
-
 def sum_across_ranks(accelerator: Accelerator, tensor: torch.Tensor) -> torch.Tensor:
     return accelerator.reduce(tensor, reduction="sum") if accelerator.num_processes > 1 else tensor
 
@@ -103,6 +104,23 @@ def gather_reports(accelerator: Accelerator, report: object) -> list:
     if accelerator.num_processes == 1:
         return [report]
     return gather_object([report])
+
+
+def run_agreed(accelerator: Accelerator, fn: Callable[[], T]) -> T:
+    """`fn()` on every rank; if it raises a NoaError on any rank, every rank raises it.
+
+    For rank-local checks before training (the run folder, the checkpoint to resume): a
+    rank that raised alone would leave its peers waiting in the next collective.
+    """
+    try:
+        result, error = fn(), None
+    except NoaError as exc:
+        result, error = None, (type(exc), str(exc))
+    errors = [e for e in gather_reports(accelerator, error) if e is not None]
+    if errors:
+        kind, message = errors[0]
+        raise kind(message)
+    return result
 
 
 def broadcast_from_main(accelerator: Accelerator, value: object) -> object:
@@ -121,10 +139,6 @@ def nonfinite_grad_names(model: torch.nn.Module) -> list[str]:
         for name, p in model.named_parameters()
         if p.grad is not None and not torch.isfinite(p.grad).all()
     ]
-
-
-def unwrap(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
-    return accelerator.unwrap_model(model)
 
 
 def uses_deepspeed(accelerator: Accelerator) -> bool:
@@ -158,28 +172,79 @@ def configure_deepspeed(
         )
 
 
-def discard_gradients(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Drop accumulated gradients after a skip (DeepSpeed's wrapper makes zero_grad a no-op)."""
-    engine_optimizer = getattr(model, "optimizer", None)  # a DeepSpeedEngine's ZeRO optimizer
-    if engine_optimizer is not None and hasattr(engine_optimizer, "zero_grad"):
-        engine_optimizer.zero_grad(set_to_none=True)
-    else:
-        optimizer.zero_grad(set_to_none=True)
+def sync_context(accelerator: Accelerator, model: torch.nn.Module, *, reduce: bool):
+    """Context for one TBPTT window's forward and backward.
+
+    DDP all-reduces gradients in the backward of a forward run outside `no_sync`, so every
+    window but the step's last runs inside it (forward included: wrapping the backward alone
+    still syncs). DeepSpeed takes the accumulation boundary at `backward` instead.
+    """
+    if reduce or uses_deepspeed(accelerator) or accelerator.num_processes == 1:
+        return contextlib.nullcontext()
+    return accelerator.no_sync(model)
 
 
 def backward(
-    accelerator: Accelerator, model: torch.nn.Module, loss: torch.Tensor, *, last_of_step: bool
+    accelerator: Accelerator, model: torch.nn.Module, loss: torch.Tensor, *, boundary: bool
 ) -> None:
-    """Backward one TBPTT window. Windows before the last of a micro-step only accumulate
-    gradients: DDP skips its all-reduce, DeepSpeed its engine step (accelerate's backward
-    would step the engine after every window)."""
-    if last_of_step:
-        accelerator.backward(loss)
-    elif uses_deepspeed(accelerator):
-        accelerator.deepspeed_engine_wrapped.backward(loss, sync_gradients=False)
+    """Backward of one window's loss, scaled by 1/accumulation steps by the backend.
+
+    Under DeepSpeed the engine is told whether this is the step's last backward (where ZeRO
+    finishes reducing gradients) and never steps here: `finish_gradients` does, once.
+    """
+    if uses_deepspeed(accelerator):
+        model.set_gradient_accumulation_boundary(boundary)
+        model.backward(loss)
     else:
-        with accelerator.no_sync(model):
-            accelerator.backward(loss)
+        accelerator.backward(loss)  # GradScaler-scaled under fp16
+
+
+def finish_gradients(
+    accelerator: Accelerator, model: torch.nn.Module, max_grad_norm: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """After the step's last backward: (global pre-clip grad norm, non-finite flag), on device.
+
+    DDP: one fused norm over the reduced gradients, then clipping. DeepSpeed: `engine.step()`
+    clips and, when the norm is non-finite on any rank, skips the update and clears ZeRO's
+    reduced-gradient buffers itself; its verdict is read back (no host sync of ours).
+    """
+    if uses_deepspeed(accelerator):
+        model.step()
+        norm = model.get_global_grad_norm()
+        norm = torch.as_tensor(math.nan if norm is None else norm, device=accelerator.device)
+        return norm.float(), torch.as_tensor(not model.was_step_applied(), device=norm.device)
+    norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+    return norm.detach(), nonfinite(norm)
+
+
+def apply_or_discard(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    *,
+    applied: bool,
+) -> None:
+    """Take the agreed decision: optimizer + scheduler step, or drop the gradients.
+
+    Under DeepSpeed the engine already stepped or skipped in `finish_gradients`. A GradScaler
+    (fp16 on GPUs) still updates its scale on a skip: it saw the overflow in `unscale_`, and
+    the next step's `unscale_` would otherwise fail.
+    """
+    if uses_deepspeed(accelerator):
+        if applied:
+            scheduler.step()
+        elif model.was_step_applied():
+            raise RuntimeError(
+                "internal error: every rank agreed to skip, but DeepSpeed applied the update"
+            )
+        return
+    if applied:
+        optimizer.step()
+        scheduler.step()
+    elif accelerator.scaler is not None:
+        accelerator.scaler.update()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def batch_to_device(

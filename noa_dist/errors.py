@@ -11,3 +11,8 @@ class DataError(NoaError):
 
 class ConfigError(NoaError):
     """One or more configuration values are invalid; the message lists all of them."""
+
+
+def user_message(exc: BaseException) -> str:
+    """The one line to show for `exc` (placeholder until the data work lands)."""
+    return str(exc)

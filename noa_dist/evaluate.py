@@ -1,31 +1,39 @@
-"""Validation: full rollouts on the valid split, sharded across ranks and reduced.
+"""Validation: full rollouts on the valid split, sharded across ranks and reduced once.
 
-Each rank sees an equal number of batches (the eval sampler pads; padded samples
-are masked out), so model calls that gather parameters (ZeRO-3) never deadlock.
+Each rank sees an equal number of batches (the eval sampler pads; padded samples are left
+out of every sum), so model calls that gather parameters (ZeRO-3) never deadlock. The loss
+terms come from the training loss function over one window spanning the whole rollout.
 Sums stay on the device until the single all-reduce at the end.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from accelerate import Accelerator
 
 from noa_dist import distributed
+from noa_dist.errors import DataError
+from noa_dist.losses import combine
 from noa_dist.metrics import persistence_prediction, vrmse
-from noa_dist.rollout import rollout_states
+from noa_dist.rollout import iter_windows
+from noa_dist.step import LossFn
 
 
 @dataclass
 class ValResult:
-    loss: float  # mean L_traj over all predicted steps
+    terms: dict[str, float]  # every unweighted loss term and "total", mean over samples
     vrmse_per_step: list[float]  # mean over samples and channels, per rollout step
     persistence_vrmse_per_step: list[float]
     n_samples: int
-    example: (
-        tuple[torch.Tensor, torch.Tensor] | None
-    )  # (truth_TCHW, pred_TCHW) of one sample, main process
+    nonfinite_samples: int = 0  # samples whose rollout went NaN/Inf (model diverged)
+    example: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+
+    @property
+    def loss(self) -> float:
+        return self.terms["total"]
 
     @property
     def one_step_ratio(self) -> float:
@@ -33,42 +41,92 @@ class ValResult:
         return self.vrmse_per_step[0] / max(self.persistence_vrmse_per_step[0], 1e-12)
 
 
-def evaluate(accelerator: Accelerator, model: torch.nn.Module, loader, n_real: int) -> ValResult:
-    """Roll out every validation window; `n_real` = this rank's unpadded sample count."""
+@torch.no_grad()
+def evaluate(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    loader,
+    n_real: int,
+    loss_fn: LossFn,
+    weights: dict[str, float],
+    describe_sample: Callable[[int], str] = str,
+) -> ValResult:
+    """Roll out every validation window; `n_real` = this rank's unpadded sample count.
+
+    Raises DataError on every rank when validation inputs or targets hold NaN/Inf: no metric
+    means anything then (naming the samples with `describe_sample(dataset index)`).
+    """
     was_training = model.training
     model.eval()
-    device = accelerator.device
-    sums = None  # [3 + 2T]: loss_sum, count, pad, vrmse sums, persistence sums
-    seen, example = 0, None
+    names = list(weights)
+    sums, seen, example = None, 0, None
+    bad_count, bad_indices = torch.zeros((), device=accelerator.device), []
     for batch in loader:
         batch = distributed.batch_to_device(accelerator, batch)
-        u0, target, cond = batch["u0"], batch["target"], batch["cond"]
-        cond = cond if cond.shape[1] > 0 else None
-        pred = rollout_states(lambda u: model(u, cond), u0, target.shape[1])  # noqa: B023
-        mask = (torch.arange(u0.shape[0], device=device) + seen < n_real).float()  # padding -> 0
-        seen += u0.shape[0]
-        per_sample_mse = ((pred.float() - target) ** 2).mean(dim=(1, 2, 3, 4))
-        model_vrmse = vrmse(pred.float(), target).mean(dim=2)  # [B, T]
-        base_vrmse = vrmse(persistence_prediction(u0.float(), target.shape[1]), target).mean(dim=2)
-        batch_sums = torch.cat(
-            [
-                (per_sample_mse * mask).sum().reshape(1),
-                mask.sum().reshape(1),
-                (model_vrmse * mask[:, None]).sum(0),
-                (base_vrmse * mask[:, None]).sum(0),
-            ]
-        )
-        sums = batch_sums if sums is None else sums + batch_sums
-        if example is None and accelerator.is_main_process:
-            example = (target[0].cpu(), pred[0].float().cpu())
+        n = max(0, min(batch["u0"].shape[0], n_real - seen))  # padding rows come last
+        seen += batch["u0"].shape[0]
+        if n:  # a rank with only padding still runs the forward (ZeRO-3 gathers in it)
+            batch = {k: v[:n] for k, v in batch.items()}
+        batch_sums, pred = _batch_sums(model, batch, loss_fn, weights, names)
+        sums = batch_sums * n if sums is None else sums + batch_sums * n
+        bad_B = ~_finite_per_sample(batch) & (n > 0)
+        bad_count += bad_B.sum()
+        bad_indices.append(batch["index"].to(bad_B.device)[bad_B])
+        if example is None and accelerator.is_main_process and n:
+            example = (batch["target"][0].cpu(), pred[0].cpu())
     model.train(was_training)
-    sums = distributed.sum_across_ranks(accelerator, sums).cpu()  # sync point: once per validation
-    count = max(float(sums[1]), 1.0)
-    steps = (len(sums) - 2) // 2
+    counts = torch.stack([torch.tensor(float(min(seen, n_real)), device=sums.device), bad_count])
+    totals = distributed.sum_across_ranks(accelerator, torch.cat([sums, counts])).tolist()
+    # ^ sync point: once per validation
+    if totals[-1] > 0:
+        _raise_bad_data(accelerator, torch.cat(bad_indices).tolist(), describe_sample)
+    return _result(totals[:-1], names, example)
+
+
+def _batch_sums(model, batch, loss_fn: LossFn, weights: dict[str, float], names: list[str]):
+    """Batch means [terms..., total, nonfinite fraction, vrmse_1..T, persistence_1..T], rollout."""
+    u0, target = batch["u0"], batch["target"]
+    cond = batch["cond"] if batch["cond"].shape[1] > 0 else None
+    n_steps = target.shape[1]
+    (window,) = iter_windows(lambda u: model(u, cond), u0, n_steps, None, "last")
+    terms = loss_fn(window, batch)
+    total = combine({k: terms[k] for k in names}, weights)
+    pred = window.pred_BTCHW
+    nonfinite = (~torch.isfinite(pred).flatten(1).all(dim=1)).float().mean()
+    model_vrmse = vrmse(pred, target).mean(dim=(0, 2))  # [T]
+    base_vrmse = vrmse(persistence_prediction(u0, n_steps), target).mean(dim=(0, 2))
+    values = torch.stack([*(terms[k].float() for k in names), total.float(), nonfinite])
+    return torch.cat([values, model_vrmse, base_vrmse]), pred
+
+
+def _finite_per_sample(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[B] bool: the sample's inputs and targets are all finite."""
+    parts = [batch[k].flatten(1) for k in ("u0", "target", "cond") if batch[k].numel()]
+    return torch.stack([torch.isfinite(p).all(dim=1) for p in parts]).all(dim=0)
+
+
+def _result(totals: list[float], names: list[str], example) -> ValResult:
+    *sums, count = totals
+    count = max(count, 1.0)
+    means = [v / count for v in sums]
+    n_terms = len(names) + 1
+    steps = (len(means) - n_terms - 1) // 2
     return ValResult(
-        loss=float(sums[0]) / count,
-        vrmse_per_step=(sums[2 : 2 + steps] / count).tolist(),
-        persistence_vrmse_per_step=(sums[2 + steps :] / count).tolist(),
-        n_samples=int(sums[1]),
+        terms=dict(zip([*names, "total"], means[:n_terms], strict=True)),
+        vrmse_per_step=means[n_terms + 1 : n_terms + 1 + steps],
+        persistence_vrmse_per_step=means[n_terms + 1 + steps :],
+        n_samples=int(count),
+        nonfinite_samples=round(means[n_terms] * count),
         example=example,
+    )
+
+
+def _raise_bad_data(accelerator: Accelerator, local: list[int], describe: Callable) -> None:
+    """Every rank raises the same DataError naming the bad samples (rare path)."""
+    indices = sorted(i for rank in distributed.gather_reports(accelerator, local) for i in rank)
+    shown = "; ".join(describe(int(i)) for i in indices[:5])
+    more = f" (+{len(indices) - 5} more)" if len(indices) > 5 else ""
+    raise DataError(
+        f"the validation split holds NaN/Inf in {len(indices)} sample(s): {shown}{more}; "
+        "no validation metric can be computed. Find and fix them with `noa-data check ROOT`"
     )

@@ -7,6 +7,8 @@ only, so printing costs one host sync per `--log-every` steps.
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 import resource
 import sys
 import time
@@ -18,6 +20,9 @@ from tqdm.auto import tqdm
 
 from noa_dist import distributed
 from noa_dist.config import Config
+from noa_dist.step import StepResult
+
+log = logging.getLogger("noa_dist")
 
 
 def progress_bar(accelerator: Accelerator, *, total: int, initial: int):
@@ -42,14 +47,18 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 class StepMeter:
-    """Losses, gradient norms and timings since the last log step, kept on the device."""
+    """Loss terms, gradient norms and timings of applied steps, kept on the device.
 
-    def __init__(self, accelerator: Accelerator, samples_per_step: int) -> None:
+    Read on log steps only (`flush`: one all-reduce, one host read); skipped steps count in
+    the step rate but not in the means.
+    """
+
+    def __init__(self, accelerator: Accelerator, samples_per_step: int, names: list[str]) -> None:
         self.accelerator, self.samples_per_step = accelerator, samples_per_step
+        self.names = [*names, "total"]
         device = accelerator.device
-        self._loss = torch.zeros(2, device=device)  # sum, count since last flush
-        self._epoch_loss = torch.zeros(2, device=device)
-        self._grad_norm = torch.zeros(2, device=device)
+        self._sums = torch.zeros(len(self.names) + 2, device=device)  # terms, grad norm, count
+        self._epoch = torch.zeros(len(self.names) + 1, device=device)  # terms, count
         self._steps, self._data_s, self._t0 = 0, 0.0, time.perf_counter()
 
     @contextlib.contextmanager
@@ -58,94 +67,105 @@ class StepMeter:
         yield
         self._data_s += time.perf_counter() - start
 
-    def add_loss(self, loss: torch.Tensor | None) -> None:
-        if loss is not None:
-            pair = torch.stack([loss.float(), torch.ones((), device=loss.device)])
-            self._loss += pair
-            self._epoch_loss += pair
-
-    def add_update(self, update) -> None:
+    def add(self, result: StepResult) -> None:
         self._steps += 1
-        if update.applied:
-            self._grad_norm += torch.stack(
-                [
-                    update.grad_norm.float().to(self._grad_norm.device),
-                    torch.ones((), device=self._grad_norm.device),
-                ]
-            )
+        if result.applied:
+            one = torch.ones(1, device=self._sums.device)
+            terms = torch.stack([result.terms[name].float() for name in self.names])
+            norm = result.grad_norm.float().to(one.device).reshape(1)
+            self._sums += torch.cat([terms, norm, one])
+            self._epoch += torch.cat([terms, one])
 
     def flush(self, *, lr: float, skipped: int) -> dict[str, float]:
-        """Mean over ranks and steps since the last flush. # sync point (one all-reduce)"""
-        totals = distributed.sum_across_ranks(
-            self.accelerator, torch.cat([self._loss, self._grad_norm])
-        ).tolist()
+        """Means over ranks and applied steps since the last flush. # sync point (one all-reduce)"""
+        totals = distributed.sum_across_ranks(self.accelerator, self._sums).tolist()
+        *terms, norm, count = totals
         elapsed = max(time.perf_counter() - self._t0, 1e-9)
-        loss = totals[0] / totals[1] if totals[1] else float("nan")
-        metrics = {
-            "train/loss": loss,
-            "train/traj": loss,
-            "train/lr": lr,
-            "train/grad_norm": totals[2] / totals[3] if totals[3] else float("nan"),
-            "train/skipped_steps": float(skipped),
-            "train/samples_per_s": self._steps * self.samples_per_step / elapsed,
-            "train/s_per_step": elapsed / max(self._steps, 1),
-            "train/data_wait_frac": self._data_s / elapsed,
-            "train/mem_mb": peak_memory_mb(self.accelerator.device),
-        }
-        self._loss.zero_()
-        self._grad_norm.zero_()
+        means = _means(self.names, terms, count)
+        metrics = {"train/loss": means.pop("total"), **{f"train/{k}": v for k, v in means.items()}}
+        metrics.update(
+            {
+                "train/lr": lr,
+                "train/grad_norm": norm / count if count else float("nan"),
+                "train/skipped_steps": float(skipped),
+                "train/samples_per_s": self._steps * self.samples_per_step / elapsed,
+                "train/s_per_step": elapsed / max(self._steps, 1),
+                "train/data_wait_frac": self._data_s / elapsed,
+                "train/mem_mb": peak_memory_mb(self.accelerator.device),
+            }
+        )
+        self._sums.zero_()
         self._steps, self._data_s, self._t0 = 0, 0.0, time.perf_counter()
         return metrics
 
-    def epoch_mean(self) -> float:
-        totals = distributed.sum_across_ranks(
-            self.accelerator, self._epoch_loss
-        ).tolist()  # sync point
-        return totals[0] / totals[1] if totals[1] else float("nan")
+    def epoch_means(self) -> dict[str, float]:
+        """Every term's mean over the epoch's applied steps, all ranks. # sync point"""
+        *terms, count = distributed.sum_across_ranks(self.accelerator, self._epoch).tolist()
+        return _means(self.names, terms, count)
 
 
-def step_line(accelerator: Accelerator, batch: int, total: int, m: dict[str, float]) -> None:
-    accelerator.print(
-        f"  [{batch}/{total}] loss={m['train/loss']:.6g} traj={m['train/traj']:.6g} "
+def _means(names: list[str], sums: list[float], count: float) -> dict[str, float]:
+    return {
+        name: (v / count if count else float("nan")) for name, v in zip(names, sums, strict=True)
+    }
+
+
+def format_terms(terms: dict[str, float]) -> str:
+    """`total=... traj=... commit=...`: the seed's order, total first."""
+    ordered = {"total": terms["total"], **{k: v for k, v in terms.items() if k != "total"}}
+    return " ".join(f"{name}={value:.6g}" for name, value in ordered.items())
+
+
+def step_line(step: int, total: int, names: list[str], m: dict[str, float]) -> None:
+    """The seed's step line: `[201/225] loss=... traj=... commit=... lr=... 8.2s/b`."""
+    terms = " ".join(f"{name}={m[f'train/{name}']:.6g}" for name in names)
+    log.info(
+        f"  [{step}/{total}] loss={m['train/loss']:.6g} {terms} "
         f"lr={m['train/lr']:.2e} grad_norm={m['train/grad_norm']:.3g} "
         f"{m['train/s_per_step']:.2f}s/b {m['train/samples_per_s']:.1f} samples/s"
     )
 
 
-def epoch_header(accelerator: Accelerator, epoch: int, epochs: int) -> None:
-    accelerator.print(f"\nEpoch {epoch + 1}/{epochs}")
+def epoch_header(epoch: int, epochs: int) -> None:
+    log.info(f"\nEpoch {epoch + 1}/{epochs}")
 
 
-def epoch_summary(
-    accelerator: Accelerator, train_loss: float, val, seconds: float, improved: bool
-) -> None:
-    accelerator.print(f"  Train: total={train_loss:.6f} traj={train_loss:.6f} [{seconds:.1f}s]")
+def epoch_summary(train_terms: dict[str, float], val, seconds: float, improved: bool) -> None:
+    log.info(f"  Train: {format_terms(train_terms)} [{seconds:.1f}s]")
     best = " (best)" if improved else ""
-    accelerator.print(
-        f"  Val:   total={val.loss:.6f} traj={val.loss:.6f} "
+    log.info(
+        f"  Val:   {format_terms(val.terms)} "
         f"vrmse@1={val.vrmse_per_step[0]:.4f} (persistence {val.persistence_vrmse_per_step[0]:.4f}) "
         f"vrmse@{len(val.vrmse_per_step)}={val.vrmse_per_step[-1]:.4f}{best}"
     )
+    if val.nonfinite_samples:
+        log.warning(
+            f"  Warning: the model's rollout is NaN/Inf on {val.nonfinite_samples} of "
+            f"{val.n_samples} validation samples (diverged); the best model is not updated"
+        )
 
 
-def resume_summary(accelerator: Accelerator, path: Path, state, micro_per_epoch: int) -> None:
-    p = accelerator.print
-    p(f"Resuming from checkpoint: {path}")
-    p("  ✓ Loaded model weights")
-    p("  ✓ Loaded optimizer state")
-    p("  ✓ Loaded scheduler state")
-    p("  ✓ Restored RNG states and data order")
-    p(f"  ✓ Resuming from epoch {state.epoch + 1}, step {state.global_step}")
+def resume_summary(path: Path, state, micro_per_epoch: int, changes: dict, rng: str | None) -> None:
+    """The seed's resume summary; `rng` is None when the random states were verified restored,
+    else why not (accelerate swallows a failed RNG load)."""
+    log.info(f"Resuming from checkpoint: {path}")
+    log.info("  ✓ Loaded model weights\n  ✓ Loaded optimizer state\n  ✓ Loaded scheduler state")
+    log.info("  ✓ Restored RNG states and data order" if rng is None else f"  ✗ RNG states: {rng}")
+    log.info(f"  ✓ Resuming from epoch {state.epoch + 1}, step {state.global_step}")
     if 0 < state.batch_in_epoch < micro_per_epoch:
-        p(
-            f"    (Will skip first {state.batch_in_epoch} batches of epoch {state.epoch + 1} without reading them)"
+        log.info(
+            f"    (Will skip first {state.batch_in_epoch} batches of epoch {state.epoch + 1} "
+            "without reading them)"
         )
     if state.best_val_loss < float("inf"):
-        p(f"  ✓ Best val loss so far: {state.best_val_loss:.6f}")
+        log.info(f"  ✓ Best val loss so far: {state.best_val_loss:.6f}")
     else:
-        p("  ✓ No validation history (first epoch incomplete)")
+        log.info("  ✓ No validation history (first epoch incomplete)")
     if state.wandb_run_id:
-        p(f"  ✓ Continuing W&B run {state.wandb_run_id}")
+        log.info(f"  ✓ Continuing W&B run {state.wandb_run_id}")
+    for name, (old, new) in {**changes["applied"], **changes["changed"]}.items():
+        how = "applied to the optimizer" if name in changes["applied"] else "takes effect"
+        log.info(f"  ! --{name.replace('_', '-')} changed: {old!r} -> {new!r} ({how})")
 
 
 def skip_advice(cfg: Config) -> str:
@@ -158,37 +178,49 @@ def skip_advice(cfg: Config) -> str:
     )
 
 
-def stopped(accelerator: Accelerator, reason: str, state, path: Path) -> None:
-    accelerator.print(
+def stopped(reason: str, state, path: Path) -> None:
+    log.info(
         f"\nStopped ({reason}) at step {state.global_step}, epoch {state.epoch + 1}; "
         f"checkpoint saved: {path}\nResume with: --resume auto (same --run-name) or --resume {path}"
     )
 
 
-def final_summary(
-    accelerator: Accelerator, outcome, run_dir: Path, wandb_location: str | None
-) -> None:
-    p = accelerator.print
+def final_summary(outcome, run_dir: Path, wandb_location: str | None) -> None:
     st = outcome.state
-    p("\n" + "=" * 64)
-    p(
-        f"Training finished: {st.global_step} steps ({st.applied_steps} applied, {st.skipped_steps} skipped), "
-        f"{st.epoch} epoch(s)"
-    )
+    lines = [
+        "=" * 64,
+        f"Training finished: {st.global_step} steps ({st.applied_steps} applied, "
+        f"{st.skipped_steps} skipped), {st.epoch} epoch(s)",
+    ]
     if outcome.val is not None:
         v = outcome.val
-        p(
-            f"  Final one-step VRMSE {v.vrmse_per_step[0]:.4f} vs persistence {v.persistence_vrmse_per_step[0]:.4f} "
-            f"(ratio {v.one_step_ratio:.3f}; < 1 beats persistence)"
-        )
-        p(
+        lines += [
+            f"  Final one-step VRMSE {v.vrmse_per_step[0]:.4f} vs persistence "
+            f"{v.persistence_vrmse_per_step[0]:.4f} (ratio {v.one_step_ratio:.3f}; < 1 beats persistence)",
             f"  Rollout VRMSE at step {len(v.vrmse_per_step)}: {v.vrmse_per_step[-1]:.4f} "
-            f"vs persistence {v.persistence_vrmse_per_step[-1]:.4f}"
-        )
-        p(f"  Best val loss: {st.best_val_loss:.6f}")
-    p(f"  Run directory: {run_dir}")
-    p(f"  Checkpoints:   {outcome.checkpoint_dir}")
-    p(f"  Best model:    {run_dir / 'best'}")
-    p(f"  Figures:       {run_dir / 'figures'}")
-    p(f"  W&B run:       {wandb_location or 'disabled'}")
-    p("=" * 64)
+            f"vs persistence {v.persistence_vrmse_per_step[-1]:.4f}",
+            f"  Best val loss: {st.best_val_loss:.6f}",
+        ]
+    best = run_dir / "best"
+    lines += [
+        f"  Run directory: {run_dir}",
+        f"  Checkpoints:   {outcome.checkpoint_dir}",
+        f"  Best model:    {best if (best / 'COMPLETE').exists() else 'none (no finite validation)'}",
+        f"  Figures:       {run_dir / 'figures'}",
+        f"  W&B run:       {wandb_location or 'disabled'}",
+        "=" * 64,
+    ]
+    log.info("\n" + "\n".join(lines))
+
+
+def setup_logging(*, is_main: bool) -> None:
+    """One output channel: the `noa_dist` logger prints plain lines to stdout on the main
+    process; other ranks print errors only (with their rank), so nothing appears N times."""
+    handler = logging.StreamHandler(sys.stdout)
+    rank = os.environ.get("RANK", "0")
+    handler.setFormatter(
+        logging.Formatter("%(message)s" if is_main else f"[rank {rank}] %(message)s")
+    )
+    log.handlers[:] = [handler]
+    log.setLevel(logging.INFO if is_main else logging.ERROR)
+    log.propagate = False

@@ -1,164 +1,202 @@
-"""One training micro-step and one optimizer update, with all-ranks-agree skipping.
+"""One optimizer step: every window of every micro-step forward and backward, one agreed decision.
 
-`forward_backward` runs the truncated-BPTT windows of one batch; before each
-backward it agrees with every rank that the window's loss is finite. `apply_update`
-agrees that the gradients are finite (one fused norm, one all-reduce) before the
-optimizer and scheduler step. A skip is always taken by every rank together.
+The promise: a step whose loss or gradients are non-finite on any rank is skipped on every
+rank, exactly as if it never happened. The shape that keeps it (torchtitan's, extended to
+TBPTT windows, gradient accumulation and ZeRO):
+
+1. For each micro-batch and each TBPTT window: the loss terms, their weighted total, backward.
+   Never an early return: peers are waiting in the gradient reductions. A non-finite term sets
+   a device-side flag (no host sync) and scales this rank's backward by NaN, so every later
+   reduction (DDP's all-reduce, ZeRO's reduce-scatter) carries it to every rank's gradients.
+2. After the last backward: DDP takes one fused gradient norm and clips; DeepSpeed's
+   `engine.step()` clips and skips a non-finite step itself, and its overflow path clears the
+   reduced gradients ZeRO keeps in its own buffers (a `zero_grad` would leave them).
+3. One MAX all-reduce of [loss_bad, grad_bad, stop], one read to the host: the step's only
+   sync point. Then optimizer and scheduler step, or the gradients are discarded.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
+from torch import Tensor
 
 from noa_dist import distributed
-from noa_dist.config import NanInjection
-from noa_dist.losses import trajectory_mse
-from noa_dist.rollout import iter_windows, window_loss_weight
+from noa_dist.losses import combine
+from noa_dist.rollout import Window, count_windows, iter_windows, window_loss_weight
+
+Batch = dict[str, Tensor]
+LossFn = Callable[[Window, Batch], dict[str, Tensor]]
+_NONE_BAD = torch.iinfo(torch.int64).max  # "no non-finite term yet" in the location code
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """What the step needs from the config (see noa_dist.config)."""
+
+    bptt_window: int | None
+    tbptt_mode: str
+    max_grad_norm: float
+    loss_weights: dict[str, float]
 
 
 @dataclass
-class MicroStep:
-    loss: torch.Tensor  # detached, on device: mean L_traj over the supervised steps
-    finite: bool  # agreed by all ranks
+class StepResult:
+    applied: bool  # agreed by every rank
+    stop: bool  # some rank was asked to stop (agreed in the same all-reduce)
+    grad_norm: Tensor  # pre-clipping global norm, on device (inf/NaN on a skip)
+    terms: dict[str, Tensor]  # per-step mean of every unweighted term + "total", on device
+    skip_reason: str = ""  # who saw what, when not applied (names rank, micro-step, window, term)
 
 
-@dataclass
-class Update:
-    applied: bool
-    grad_norm: torch.Tensor  # pre-clipping total norm, on device
-    reason: str = ""  # why the step was skipped ("" if applied)
-    stop: bool = False  # some rank was asked to stop (agreed in the same all-reduce)
+class _BadTermTracker:
+    """The first (micro-step, window, term) whose value is non-finite on this rank, on device.
+
+    Encoded as one int64 (smallest code = first in step order) so tracking costs no host sync.
+    """
+
+    def __init__(self, names: Sequence[str], n_windows: int, device: torch.device) -> None:
+        self.names, self.n_windows = list(names), n_windows
+        self.code = torch.full((), _NONE_BAD, dtype=torch.int64, device=device)
+        self.value = torch.zeros((), device=device)
+
+    def update(self, window: Window, terms_T: Tensor) -> Tensor:
+        """Record the window's non-finite terms; returns its `ok` flag (0-d bool tensor)."""
+        bad_T = ~torch.isfinite(terms_T)
+        first = (window.micro * self.n_windows + window.index) * len(self.names)
+        codes_T = torch.arange(len(self.names), device=bad_T.device) + first
+        window_code = torch.where(bad_T, codes_T, _NONE_BAD).min()
+        value = terms_T[(window_code - first).clamp(0, len(self.names) - 1)]
+        self.value = torch.where(window_code < self.code, value, self.value)
+        self.code = torch.minimum(self.code, window_code)
+        return ~bad_T.any()
+
+    @property
+    def any_bad(self) -> Tensor:
+        return self.code != _NONE_BAD
+
+    def describe(self, code: int, value: float) -> str:
+        """Host-side text of a code read after the decision (rare path)."""
+        term = self.names[code % len(self.names)]
+        micro, window = divmod(code // len(self.names), self.n_windows)
+        return f"micro-step {micro + 1}, window {window + 1} of {self.n_windows}: {term}={value}"
 
 
-class _PoisonGradient(torch.autograd.Function):
-    """Identity forward, NaN gradient backward: a non-finite gradient with a finite loss."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * float("nan")
-
-
-def _inject(pred: torch.Tensor, loss_fn, injection: NanInjection | None, rank: int, step: int):
-    """Debug fault injection (--debug-inject-nan RANK:STEP[:loss|grad]); step is 1-based."""
-    if not (injection and injection.rank == rank and injection.step == step):
-        return loss_fn(pred)
-    if injection.target == "grad":
-        return loss_fn(_PoisonGradient.apply(pred))
-    return loss_fn(pred) * float("nan")
-
-
-def forward_backward(
-    accelerator: Accelerator,
-    model: torch.nn.Module,
-    batch: dict[str, torch.Tensor],
-    *,
-    bptt_window: int | None,
-    tbptt_mode: str,
-    step_number: int,
-    injection: NanInjection | None = None,
-) -> MicroStep:
-    """Roll out the batch window by window; backward each window's loss if all ranks agree it's finite."""
-    u0, target, cond = batch["u0"], batch["target"], batch["cond"]
-    n_steps = target.shape[1]
-    cond = cond if cond.shape[1] > 0 else None
-    total = torch.zeros((), device=u0.device)
-    windows = iter_windows(lambda u: model(u, cond), u0, n_steps, bptt_window, tbptt_mode)
-    for window in windows:
-        window_target = target[:, window.start : window.stop]
-        loss = _inject(
-            window.pred_BTCHW,
-            lambda p: trajectory_mse(p, window_target),  # noqa: B023
-            injection,
-            accelerator.process_index,
-            step_number,
-        )
-        if not distributed.all_finite(accelerator, loss):  # sync point: one all-reduce per window
-            windows.close()
-            return MicroStep(loss=loss.detach(), finite=False)
-        weight = window_loss_weight(window, n_steps, tbptt_mode)
-        distributed.backward(accelerator, model, loss * weight, last_of_step=window.stop == n_steps)
-        total += loss.detach() * weight
-    return MicroStep(loss=total, finite=True)
-
-
-def apply_update(
+def train_step(
     accelerator: Accelerator,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
+    micro_batches: Sequence[Batch],
+    loss_fn: LossFn,
+    settings: StepSettings,
     *,
-    max_grad_norm: float,
-    loss_finite: bool,
+    step: int,
     stop_requested: bool = False,
-) -> Update:
-    """Clip, then step optimizer and scheduler only if every rank's gradients are finite.
+) -> StepResult:
+    """Run optimizer step `step` (1-based) over `micro_batches`; call on every rank.
 
-    On a skip the gradients are left in place for `describe_skip`; the caller discards them.
-    Under DeepSpeed the engine has already clipped and stepped inside `accelerator.backward`
-    (ZeRO's global overflow check skips a non-finite step on every rank); we read its verdict.
+    `loss_fn(window, batch)` returns the unweighted terms; they are combined with
+    `settings.loss_weights`. The gradients of a skipped step are discarded on every rank;
+    the scheduler advances only with an applied step.
     """
-    if not loss_finite:
-        stop = distributed.any_rank(accelerator, stop_requested)[0]  # sync point
-        return Update(
-            applied=False, grad_norm=torch.full((), float("nan")), reason="loss", stop=stop
-        )
-    if distributed.uses_deepspeed(accelerator):
-        grad_norm = torch.tensor(
-            float(accelerator.clip_grad_norm_(model.parameters(), max_grad_norm) or 0.0)
-        )
-        overflow = optimizer.step_was_skipped
-    else:
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
-        overflow = distributed.nonfinite(grad_norm)
-    # sync point: one all-reduce carries both decisions
-    bad_grads, stop = distributed.any_rank(accelerator, overflow, stop_requested)
-    if bad_grads:
-        return Update(applied=False, grad_norm=grad_norm.detach(), reason="grad", stop=stop)
-    optimizer.step()  # a no-op under DeepSpeed (the engine stepped in backward)
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return Update(applied=True, grad_norm=grad_norm.detach(), stop=stop)
+    n_steps = micro_batches[0]["target"].shape[1]
+    n_windows = count_windows(n_steps, settings.bptt_window, settings.tbptt_mode)
+    names = list(settings.loss_weights)
+    tracker = _BadTermTracker(names, n_windows, accelerator.device)
+    sums_T = torch.zeros(len(names) + 1, device=accelerator.device)  # terms..., total
+    for micro, batch in enumerate(micro_batches):
+        windows = _windows(model, batch, settings, n_steps)
+        for index in range(n_windows):
+            # Only the step's last window reduces gradients; DDP's no_sync must cover the
+            # window's forward (run by next()) as well as its backward.
+            reduce = micro == len(micro_batches) - 1 and index == n_windows - 1
+            with distributed.sync_context(accelerator, model, reduce=reduce):
+                window = next(windows)._replace(micro=micro, step=step)
+                sums_T += _window_backward(
+                    accelerator, model, window, batch, loss_fn, settings, tracker, n_steps, reduce
+                )
+            del window  # free its graph before the next window is built
+    grad_norm, grad_bad = distributed.finish_gradients(accelerator, model, settings.max_grad_norm)
+    # sync point: the step's one host read, one collective
+    loss_bad, grad_bad, stop = distributed.any_rank(
+        accelerator, tracker.any_bad, grad_bad, stop_requested
+    )
+    applied = not (loss_bad or grad_bad)
+    reason = "" if applied else _skip_reason(accelerator, model, tracker, loss_bad)
+    distributed.apply_or_discard(accelerator, model, optimizer, scheduler, applied=applied)
+    terms = {name: sums_T[i] / len(micro_batches) for i, name in enumerate([*names, "total"])}
+    return StepResult(applied, stop, grad_norm, terms, reason)
 
 
-def describe_skip(
-    accelerator: Accelerator, model: torch.nn.Module, update: Update, loss: torch.Tensor
+def _windows(model: torch.nn.Module, batch: Batch, settings: StepSettings, n_steps: int):
+    cond = batch["cond"] if batch["cond"].shape[1] > 0 else None
+    return iter_windows(
+        lambda u: model(u, cond), batch["u0"], n_steps, settings.bptt_window, settings.tbptt_mode
+    )
+
+
+def _window_backward(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    window: Window,
+    batch: Batch,
+    loss_fn: LossFn,
+    settings: StepSettings,
+    tracker: _BadTermTracker,
+    n_steps: int,
+    reduce: bool,
+) -> Tensor:
+    """Loss terms and backward of one window; returns its weighted [terms..., total], detached."""
+    terms = loss_fn(window, batch)
+    missing = sorted(set(settings.loss_weights) - set(terms))
+    if missing:
+        raise ValueError(f"loss_fn returned no term(s) {missing} for configured weights")
+    terms_T = torch.stack([terms[name].detach().float() for name in settings.loss_weights])
+    ok = tracker.update(window, terms_T)
+    weight = window_loss_weight(window, n_steps, settings.tbptt_mode)
+    total = combine({k: terms[k] for k in settings.loss_weights}, settings.loss_weights)
+    # NaN-scaled on this rank if any term is non-finite: the reductions then carry it everywhere
+    poison = torch.where(ok, 1.0, math.nan).to(total.dtype)
+    distributed.backward(accelerator, model, total * weight * poison, boundary=reduce)
+    return torch.cat([terms_T, total.detach().float().reshape(1)]) * weight
+
+
+def _skip_reason(
+    accelerator: Accelerator, model: torch.nn.Module, tracker: _BadTermTracker, loss_bad: bool
 ) -> str:
-    """Which ranks saw what, gathered from every rank (rare path: runs only after a skip).
+    """What each rank saw, gathered from every rank (rare path: every rank agreed to skip).
 
-    Call before zeroing the gradients: it names the parameters whose gradient is non-finite.
+    Call before the gradients are discarded: under DDP it names the non-finite parameters
+    (identical on every rank after the all-reduce, so rank 0's list is shown).
     """
-    if update.reason == "loss":
-        local = {"rank": accelerator.process_index, "loss": float(loss)}
-    elif distributed.uses_deepspeed(accelerator):
-        return (
-            "non-finite gradients: DeepSpeed's global overflow check skipped the step on every rank "
-            "(ZeRO partitions gradients; run noa-diagnose on the last checkpoint to name the parameters)"
-        )
-    else:
-        local = {
-            "rank": accelerator.process_index,
-            "params": distributed.nonfinite_grad_names(model),
-        }
+    local = {
+        "rank": accelerator.process_index,
+        "code": int(tracker.code),
+        "value": float(tracker.value),
+    }
+    if not loss_bad and not distributed.uses_deepspeed(accelerator):
+        local["params"] = distributed.nonfinite_grad_names(model)
     reports = distributed.gather_reports(accelerator, local)
-    if update.reason == "loss":
-        bad = [
-            f"rank {r['rank']} (loss={r['loss']})"
+    if loss_bad:
+        parts = [
+            f"rank {r['rank']} {tracker.describe(r['code'], r['value'])}"
             for r in reports
-            if r["loss"] != r["loss"] or abs(r["loss"]) == float("inf")
+            if r["code"] != _NONE_BAD
         ]
-        return "non-finite loss on " + ", ".join(bad)
-    parts = []
-    for r in reports:
-        if r["params"]:
-            names = ", ".join(r["params"][:8]) + (
-                f" (+{len(r['params']) - 8} more)" if len(r["params"]) > 8 else ""
-            )
-            parts.append(f"rank {r['rank']}: {names}")
-    return "non-finite gradients on " + "; ".join(parts)
+        return "non-finite loss on " + "; ".join(parts)
+    if distributed.uses_deepspeed(accelerator):
+        return (
+            "non-finite gradients (the loss was finite on every rank); DeepSpeed's overflow check "
+            "skipped the step on every rank. ZeRO partitions gradients: run noa-diagnose on the "
+            "last checkpoint to name the parameters"
+        )
+    params = reports[0]["params"]
+    names = ", ".join(params[:8]) + (f" (+{len(params) - 8} more)" if len(params) > 8 else "")
+    return "non-finite gradients after the all-reduce (the loss was finite on every rank): " + (
+        names or "no parameter named (the norm itself overflowed)"
+    )

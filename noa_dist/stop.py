@@ -1,14 +1,21 @@
-"""A stop-and-checkpoint request that any signal handler (or code) can raise.
+"""Stop requests: signals (and a dead launcher) become "save a checkpoint and stop".
 
-The handler only sets a flag; the training loop reads it at the next optimizer
-step, agrees on it with every rank (a signal may reach only some ranks), saves a
-checkpoint and exits cleanly. SLURM preemption sends SIGTERM or the user signal
-given with `--signal=USR1@T`.
+A handler only sets a flag; the training loop reads it at the next optimizer step, agrees on
+it with every rank in the step's one all-reduce (a signal may reach only some ranks), saves a
+checkpoint, leaves a STOPPED marker in the run folder and exits 0. SLURM preemption and time
+limits send SIGTERM or the signal of `--signal=USR1@T`; torch's elastic agent forwards the
+signals it handles to every rank; Ctrl-C is SIGINT (a second Ctrl-C exits at once).
 """
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
+import threading
+import time
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 
 
 class StopRequest:
@@ -23,9 +30,49 @@ class StopRequest:
         if self.reason is None:
             self.reason = reason
 
-    def install(
-        self, signals: tuple[signal.Signals, ...] = (signal.SIGUSR1, signal.SIGTERM)
-    ) -> None:
+    def install(self, signals: tuple[signal.Signals, ...] = STOP_SIGNALS) -> None:
         """Turn these signals into a stop request (the first one wins)."""
         for sig in signals:
-            signal.signal(sig, lambda signum, _frame: self.request(signal.Signals(signum).name))
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, _frame) -> None:
+        name = signal.Signals(signum).name
+        if signum == signal.SIGINT and self.reason == "SIGINT":
+            # A second Ctrl-C: the user does not want to wait for the checkpoint.
+            print("Second Ctrl-C: exiting without saving", file=sys.stderr, flush=True)
+            os._exit(130)
+        if self.reason is None and int(os.environ.get("RANK", "0")) == 0:
+            again = " (Ctrl-C again to exit at once)" if signum == signal.SIGINT else ""
+            print(
+                f"\n{name} received: saving a checkpoint at the next step, then stopping{again}",
+                file=sys.stderr,
+                flush=True,
+            )
+        self.request(name)
+
+
+def watch_parent(stop: StopRequest, grace_s: float = 300.0, poll_s: float = 1.0) -> None:
+    """Stop when the process that launched this rank exits (call once, in every rank).
+
+    torch's elastic agent starts each rank in its own session, so when the launcher is
+    SIGKILLed (or its node's job step dies) the ranks would train on, and a requeued job would
+    share the run folder with them. Here the rank asks to stop (all ranks of the node see it at
+    once, so they still save together) and exits anyway `grace_s` later (a peer on another node
+    may never reach the next step).
+    """
+    parent = os.getppid()
+
+    def poll() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        stop.request("launcher exited")
+        time.sleep(grace_s)
+        print(f"launcher {parent} exited {grace_s:.0f} s ago: exiting", file=sys.stderr, flush=True)
+        os._exit(1)
+
+    threading.Thread(target=poll, name="noa-parent-watch", daemon=True).start()
+
+
+def launched_by_agent() -> bool:
+    """True under torchrun / accelerate launch's elastic agent (it sets these for each rank)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ

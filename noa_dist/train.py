@@ -1,7 +1,7 @@
 """Train NOA: `accelerate launch noa_dist/train.py [--config X.yaml] [--flag value ...]`.
 
-Parse and check everything (config, data) before the process group starts, then
-build the trainer, restore a checkpoint if asked, train, and print a summary.
+Parse and check everything (config, data) before the process group starts; then agree on
+the run folder and the checkpoint to resume, build, restore, train, and leave a marker.
 """
 
 from __future__ import annotations
@@ -16,17 +16,24 @@ if __name__ == "__main__" and not __package__:
 import os
 import time
 
-from noa_dist import checkpoint, distributed, preflight, report, tracking
+import torch
+
+from noa_dist import checkpoint, distributed, preflight, report, run_status, tracking
+from noa_dist.build import build
 from noa_dist.config import Config, load_config
-from noa_dist.errors import ConfigError, NoaError
+from noa_dist.errors import ConfigError, NoaError, user_message
 from noa_dist.export import export_checkpoint
+from noa_dist.resume import apply_optimizer_overrides, config_changes, refusal_message
 from noa_dist.rollout import bptt_warning
-from noa_dist.stop import StopRequest
-from noa_dist.trainer import Outcome, Trainer
+from noa_dist.stop import StopRequest, launched_by_agent, watch_parent
+from noa_dist.trainer import REQUESTED_STOPS, Outcome, Trainer, TrainingAborted
+from noa_dist.weights import read_trainer_state
+
+log = report.log
 
 
 def resolve_run_dir(cfg: Config, accelerator) -> Path:
-    """One directory per job: --run-name, else slurm-<jobid>, else a timestamp agreed by all ranks."""
+    """One directory per run: --run-name, else slurm-<jobid>, else a timestamp agreed by all ranks."""
     name = cfg.checkpoint.run_name
     if name is None and "SLURM_JOB_ID" in os.environ:
         name = f"slurm-{os.environ['SLURM_JOB_ID']}"
@@ -35,15 +42,7 @@ def resolve_run_dir(cfg: Config, accelerator) -> Path:
     return Path(cfg.checkpoint.output_dir) / name
 
 
-def _saved_run_id(path: Path | None) -> str | None:
-    if path is None:
-        return None
-    saved = checkpoint.loads_state((path / checkpoint.TRAINER_STATE).read_text(encoding="utf-8"))
-    return saved["state"].get("wandb_run_id")
-
-
-def prepare(cfg: Config) -> Trainer:
-    """Check data, start the process group, build the trainer, restore state, start W&B."""
+def _check_flags(cfg: Config) -> None:
     stable = (
         cfg.checkpoint.run_name or cfg.checkpoint.checkpoint_dir or "SLURM_JOB_ID" in os.environ
     )
@@ -51,6 +50,53 @@ def prepare(cfg: Config) -> Trainer:
         raise ConfigError(
             "--resume auto needs a stable place to look: give --run-name or --checkpoint-dir"
         )
+
+
+def _check_precision(accelerator) -> None:
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        raise ConfigError(
+            "--mixed-precision fp16: fp16 training needs loss scaling on a GPU (CUDA); on this "
+            "CPU-only machine it would silently run in fp32. Use --mixed-precision bf16 or no"
+        )
+
+
+def _refuse_existing_run(cfg: Config, run_dir: Path, checkpoint_dir: Path) -> None:
+    """A folder that already holds a run is resumed or refused, never silently reused."""
+    found = checkpoint.latest_checkpoint(checkpoint_dir)
+    if found is None:
+        return
+    cmd = "accelerate launch noa_dist/train.py ..."
+    raise ConfigError(
+        f"{run_dir} already holds a run (its latest checkpoint is {found.name}). Continue it:\n"
+        f"  {cmd} --resume auto\nor start a new run next to it:\n"
+        f"  {cmd} --run-name {run_dir.name}-2"
+    )
+
+
+def _resume_point(cfg: Config, accelerator, run_dir: Path, checkpoint_dir: Path):
+    """(checkpoint path or None, its trainer_state) after checking what the new flags change."""
+    if not cfg.checkpoint.resume or cfg.checkpoint.resume == "none":
+        if cfg.checkpoint.init_from is None:
+            _refuse_existing_run(cfg, run_dir, checkpoint_dir)
+        return None, None
+    path = checkpoint.resolve_resume(cfg.checkpoint.resume, checkpoint_dir)
+    if path is None:
+        log.info(f"--resume auto: no complete checkpoint in {checkpoint_dir}; starting fresh")
+        return None, None
+    saved = read_trainer_state(path)
+    changes = config_changes(
+        saved["config"], cfg, deepspeed=distributed.uses_deepspeed(accelerator)
+    )
+    if changes["refused"]:
+        raise ConfigError(refusal_message(path, changes["refused"]))
+    saved["changes"] = changes
+    return path, saved
+
+
+def prepare(cfg: Config) -> Trainer:
+    """Check data, start the process group, agree on the run, build, restore, start W&B."""
+    report.setup_logging(is_main=int(os.environ.get("RANK", "0")) == 0)
+    _check_flags(cfg)
     root = preflight.check_data(cfg)
     mode = tracking.wandb_mode(cfg.tracking.wandb_mode)
     accelerator = distributed.build_accelerator(
@@ -59,29 +105,29 @@ def prepare(cfg: Config) -> Trainer:
         log_with=tracking.log_with(mode),
     )
     distributed.check_world(accelerator)
+    _check_precision(accelerator)
     run_dir = resolve_run_dir(cfg, accelerator)
-    accelerator.print(
+    checkpoint_dir = Path(cfg.checkpoint.checkpoint_dir or run_dir / "checkpoints")
+    log.info(
         f"noa-dist: {accelerator.num_processes} process(es), {accelerator.distributed_type.name}, "
-        f"device {accelerator.device}\nResolved configuration:\n{cfg.to_yaml()}"
+        f"device {accelerator.device}, {torch.get_num_threads()} thread(s) per process\n"
+        f"Resolved configuration:\n{cfg.to_yaml()}"
     )
     if warning := bptt_warning(cfg.data.timesteps, cfg.train.bptt_window, cfg.train.tbptt_mode):
-        accelerator.print(f"Warning: {warning}")
+        log.warning(f"Warning: {warning}")
     stop = StopRequest()
     stop.install()
-    trainer = Trainer(cfg, accelerator, root, run_dir, stop)
-    accelerator.print(
-        f"Model: U-AFNO with {trainer.n_params:,} parameters; "
-        f"{len(trainer.train_data)} training windows, {trainer.steps_per_epoch} steps/epoch"
+    if launched_by_agent():
+        watch_parent(stop)
+    resume_path, saved = distributed.run_agreed(
+        accelerator, lambda: _resume_point(cfg, accelerator, run_dir, checkpoint_dir)
     )
-    resume_path = (
-        checkpoint.resolve_resume(cfg.checkpoint.resume, trainer.checkpoint_dir)
-        if cfg.checkpoint.resume
-        else None
+    built = build(cfg, accelerator, root)
+    log.info(
+        f"Model: U-AFNO with {built.n_params:,} parameters; {len(built.data.train)} training "
+        f"windows, {built.data.steps_per_epoch} steps/epoch"
     )
-    if cfg.checkpoint.resume == "auto" and resume_path is None:
-        accelerator.print(
-            f"--resume auto: no complete checkpoint in {trainer.checkpoint_dir}; starting fresh"
-        )
+    trainer = Trainer(cfg, accelerator, built, run_dir, checkpoint_dir, stop)
     run_id = tracking.start_run(
         accelerator,
         project=cfg.tracking.wandb_project,
@@ -89,14 +135,22 @@ def prepare(cfg: Config) -> Trainer:
         run_dir=run_dir,
         config=cfg.to_dict(),
         mode=mode,
-        resume_run_id=_saved_run_id(resume_path),
+        resume_run_id=saved["state"].get("wandb_run_id") if saved else None,
     )
     if resume_path is not None:
-        trainer.restore(resume_path)
-    elif cfg.checkpoint.init_from:
-        trainer.init_weights_from(Path(cfg.checkpoint.init_from))
+        _restore(trainer, resume_path, saved["changes"])
     trainer.state.wandb_run_id = run_id
+    if accelerator.is_main_process:
+        run_status.clear(run_dir)
     return trainer
+
+
+def _restore(trainer: Trainer, path: Path, changes: dict) -> None:
+    rng = trainer.restore(path)
+    cfg = trainer.cfg
+    if changes["applied"]:
+        apply_optimizer_overrides(trainer.scheduler, cfg.optim.lr, cfg.optim.weight_decay)
+    report.resume_summary(path, trainer.state, trainer.micro_per_epoch, changes, rng)
 
 
 def export_best(trainer: Trainer) -> None:
@@ -104,7 +158,20 @@ def export_best(trainer: Trainer) -> None:
     best = trainer.run_dir / "best"
     if trainer.accelerator.is_main_process and (best / "COMPLETE").exists():
         out = export_checkpoint(best, trainer.run_dir / "best_model.pt")
-        trainer.accelerator.print(f"Exported the best model to {out}")
+        log.info(f"Exported the best model to {out}")
+
+
+def _leave_marker(trainer: Trainer, outcome: Outcome) -> None:
+    if not trainer.accelerator.is_main_process:
+        return
+    st = outcome.state
+    fields = {"step": st.global_step, "epoch": st.epoch, "checkpoint": outcome.checkpoint}
+    if outcome.stopped_by in (None, *REQUESTED_STOPS):
+        run_status.mark(
+            trainer.run_dir, run_status.FINISHED, reason=outcome.stopped_by or "done", **fields
+        )
+    else:
+        run_status.mark(trainer.run_dir, run_status.STOPPED, reason=outcome.stopped_by, **fields)
 
 
 def run(cfg: Config) -> Outcome:
@@ -112,19 +179,25 @@ def run(cfg: Config) -> Outcome:
     outcome = trainer.fit()
     export_best(trainer)
     accelerator = trainer.accelerator
-    report.final_summary(accelerator, outcome, trainer.run_dir, tracking.run_location(accelerator))
+    report.final_summary(outcome, trainer.run_dir, tracking.run_location(accelerator))
     tracking.finish(accelerator)
+    _leave_marker(trainer, outcome)
     distributed.shutdown(accelerator)
     return outcome
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit 0 when the run finished or stopped on request (the run folder's marker tells
+    which), 1 when training aborted, 2 on bad input."""
     try:
-        outcome = run(load_config(argv))
-    except NoaError as exc:
+        run(load_config(argv))
+    except TrainingAborted as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except NoaError as exc:
+        print(f"error: {user_message(exc)}", file=sys.stderr)
         return 2
-    return 0 if outcome.stopped_by in (None, "max-steps", "early-stop", "stop-at-step") else 3
+    return 0
 
 
 if __name__ == "__main__":

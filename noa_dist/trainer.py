@@ -1,35 +1,42 @@
-"""The training loop: epochs of truncated-BPTT steps, validation, checkpoints, logging.
+"""The training loop: epochs of optimizer steps, counting, logging, validation, checkpoints.
 
-Distribution details live in `distributed.py`, the step logic in `step.py`; this
-module orders them. Everything that decides whether to step, skip or stop is
-agreed by all ranks; printing, W&B and files happen on the main process.
+What one step does lives in `step.py`; what is built from the config in `build.py`. Every
+decision to step, skip or stop is agreed by all ranks inside the step; printing, W&B and
+files happen on the main process.
 """
 
 from __future__ import annotations
 
+import pickle
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from accelerate import Accelerator
-from torch.utils.data import DataLoader, Dataset, Subset
 
-from noa_dist import checkpoint, distributed, plots, report, tracking
-from noa_dist.config import Config, parse_nan_injection
-from noa_dist.data.dataset import WellWindowDataset, delta_scale
-from noa_dist.data.sampler import DistributedBatchSampler, ShardedEvalSampler
-from noa_dist.data.schema import load_stats
-from noa_dist.errors import ConfigError, NoaError
+from noa_dist import checkpoint, distributed, faults, plots, report, tracking
+from noa_dist.build import Built
+from noa_dist.config import Config
+from noa_dist.errors import NoaError
 from noa_dist.evaluate import ValResult, evaluate
-from noa_dist.models.build import build_model
-from noa_dist.schedule import build_scheduler
+from noa_dist.resume import current_lr
 from noa_dist.state import TrainState
-from noa_dist.step import Update, apply_update, describe_skip, forward_backward
+from noa_dist.step import StepResult, train_step
 from noa_dist.stop import StopRequest
-from noa_dist.weights import load_weights
+
+
+def _rng_problem(path: Path, rank: int) -> str | None:
+    """Is the torch CPU RNG now the one saved in `random_states_<rank>.pkl`?"""
+    file = Path(path) / f"random_states_{rank}.pkl"
+    try:
+        saved = torch.load(file, weights_only=False)["torch_manual_seed"]
+    except (OSError, KeyError, RuntimeError, pickle.UnpicklingError) as err:
+        return f"cannot read {file} ({err}); the run continues, not bitwise reproducible"
+    if not torch.equal(saved, torch.get_rng_state()):
+        return f"{file} was not applied; the run continues, not bitwise reproducible"
+    return None
 
 
 class TrainingAborted(NoaError):
@@ -40,34 +47,12 @@ class TrainingAborted(NoaError):
 class Outcome:
     state: TrainState
     val: ValResult | None
-    stopped_by: str | None  # signal name / "stop-at-step" / None when training completed
+    stopped_by: str | None  # signal name / "stop-at-step" / "max-steps" / "early-stop" / None
     checkpoint_dir: Path
+    checkpoint: Path | None = None  # the checkpoint a requested stop saved
 
 
-def _loader(
-    dataset, *, batch_sampler=None, sampler=None, batch_size=None, num_workers: int
-) -> DataLoader:
-    return DataLoader(
-        dataset,
-        batch_sampler=batch_sampler,
-        sampler=sampler,
-        batch_size=batch_size if batch_sampler is None else 1,
-        num_workers=num_workers,
-        pin_memory=torch.cuda.is_available(),
-        persistent_workers=num_workers > 0,
-    )
-
-
-def spread_subset(dataset: WellWindowDataset, n: int | None, flag: str) -> Dataset:
-    """N windows spread evenly over the split (the first N would all come from its first
-    trajectories); the whole split when N is unset."""
-    if n is None or n == len(dataset):
-        return dataset
-    if n > len(dataset):
-        raise ConfigError(
-            f"{flag} {n}: the split has only {len(dataset)} windows ({dataset.info.root})"
-        )
-    return Subset(dataset, np.linspace(0, len(dataset) - 1, n).round().astype(int).tolist())
+REQUESTED_STOPS = ("max-steps", "early-stop")  # end the run; anything else can be resumed
 
 
 class Trainer:
@@ -75,131 +60,44 @@ class Trainer:
         self,
         cfg: Config,
         accelerator: Accelerator,
-        dataset_root: Path,
+        built: Built,
         run_dir: Path,
-        stop: StopRequest | None = None,
+        checkpoint_dir: Path,
+        stop: StopRequest,
     ) -> None:
-        self.cfg, self.accelerator, self.run_dir = cfg, accelerator, run_dir
-        self.stop = stop or StopRequest()
-        self.injection = (
-            parse_nan_injection(cfg.debug.debug_inject_nan) if cfg.debug.debug_inject_nan else None
-        )
-        self.checkpoint_dir = Path(cfg.checkpoint.checkpoint_dir or run_dir / "checkpoints")
+        self.cfg, self.accelerator, self.built = cfg, accelerator, built
+        self.run_dir, self.checkpoint_dir, self.stop = run_dir, checkpoint_dir, stop
+        self.model, self.optimizer, self.scheduler = built.model, built.optimizer, built.scheduler
+        self.data = built.data
         self.state = TrainState(run_dir=str(run_dir))
-        self.dataset_root = dataset_root
-        self._build_data(dataset_root)
-        self._build_model()
+        self.term_names = list(built.step_settings.loss_weights)
         if cfg.debug.debug_hang_in_save is not None:
-            accelerator.register_save_state_pre_hook(self._debug_hang_in_save)
-
-    # ----------------------------------------------------------------- building
-    def _build_data(self, root: Path) -> None:
-        cfg, acc = self.cfg.data, self.accelerator
-        self.train_set = WellWindowDataset(
-            root, "train", cfg.timesteps, window_stride=cfg.window_stride
-        )
-        self.val_set = WellWindowDataset(
-            root, "valid", cfg.timesteps, window_stride=cfg.window_stride
-        )
-        self.train_data = spread_subset(self.train_set, cfg.n_samples, "--n-samples")
-        self.val_data = spread_subset(self.val_set, cfg.val_samples, "--val-samples")
-        self.sampler = DistributedBatchSampler(
-            len(self.train_data),
-            cfg.batch_size,
-            num_replicas=acc.num_processes,
-            rank=acc.process_index,
-            seed=self.cfg.train.seed,
-            shuffle=True,
-            drop_last=True,
-        )
-        accum = self.cfg.optim.gradient_accumulation_steps
-        self.steps_per_epoch = len(self.sampler) // accum
-        if self.steps_per_epoch == 0:
-            raise ConfigError(
-                f"{len(self.train_data)} training windows are fewer than one optimizer step needs: "
-                f"--batch-size {cfg.batch_size} x {acc.num_processes} processes x "
-                f"--gradient-accumulation-steps {accum}; lower them or add data"
+            hook = faults.hang_in_save_hook(
+                cfg.debug.debug_hang_in_save, lambda: self.state.global_step
             )
-        self.train_loader = _loader(
-            self.train_data, batch_sampler=self.sampler, num_workers=cfg.num_workers
-        )
-        val_sampler = ShardedEvalSampler(
-            len(self.val_data), num_replicas=acc.num_processes, rank=acc.process_index
-        )
-        self.val_n_real = val_sampler.n_real
-        self.val_loader = _loader(
-            self.val_data,
-            sampler=val_sampler,
-            batch_size=cfg.batch_size,
-            num_workers=min(cfg.num_workers, 1),
-        )
+            accelerator.register_save_state_pre_hook(hook)
 
-    def total_steps(self) -> int:
-        steps = self.cfg.train.epochs * self.steps_per_epoch
-        return min(steps, self.cfg.train.max_steps) if self.cfg.train.max_steps else steps
+    @property
+    def micro_per_epoch(self) -> int:
+        return self.data.steps_per_epoch * self.cfg.optim.gradient_accumulation_steps
 
-    def _build_model(self) -> None:
-        m, o = self.cfg.model, self.cfg.optim
-        torch.manual_seed(self.cfg.train.seed)  # identical initial weights on every rank
-        model = build_model(
-            m, in_channels=self.train_set.n_channels, cond_channels=self.train_set.n_cond_channels
-        )
-        scale = delta_scale(self.train_set.layout, load_stats(self.dataset_root))
-        model.delta_scale.copy_(torch.from_numpy(scale))
-        self.n_params = sum(p.numel() for p in model.parameters())
-        optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
-        distributed.configure_deepspeed(
-            self.accelerator,
-            micro_batch_size=self.cfg.data.batch_size,
-            gradient_clipping=o.max_grad_norm,
-        )
-        scheduler = build_scheduler(
-            optimizer,
-            warmup_steps=o.warmup_steps,
-            total_steps=self.total_steps(),
-            schedule=o.lr_schedule,
-        )
-        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(
-            model, optimizer, scheduler
-        )
+    # ----------------------------------------------------------------- checkpoints
+    def restore(self, path: Path) -> str | None:
+        """Weights, optimizer, scheduler, RNG, sampler position, history.
 
-    # ----------------------------------------------------------------- resume
-    def restore(self, path: Path) -> None:
-        """Everything: weights, optimizer, scheduler, RNG, sampler position, history."""
+        Returns None when this rank's random states are verifiably restored, else why not
+        (accelerate logs a failed RNG load at info level and carries on).
+        """
         saved = checkpoint.load_checkpoint(self.accelerator, path)
         self.state = TrainState.from_dict(saved["state"])
         self.state.run_dir = str(self.run_dir)
-        self.sampler.load_state_dict(saved["sampler"])
-        report.resume_summary(
-            self.accelerator,
-            path,
-            self.state,
-            self.steps_per_epoch * self.cfg.optim.gradient_accumulation_steps,
-        )
-
-    def init_weights_from(self, path: Path) -> None:
-        """Weights only (fine-tuning) from a step checkpoint (DDP or ZeRO), best/ or an export."""
-        state_dict, _ = load_weights(path)
-        self.accelerator.unwrap_model(self.model).load_state_dict(state_dict)
-        self.accelerator.print(
-            f"Initialised model weights from {path} (optimizer and schedule start fresh)"
-        )
-
-    def _debug_hang_in_save(self, _models, _weights, output_dir: str) -> None:
-        """--debug-hang-in-save STEP: stall inside that save so a test can kill it mid-write."""
-        if self.state.global_step == self.cfg.debug.debug_hang_in_save:
-            print(
-                f"debug: hanging inside the checkpoint save of step {self.state.global_step} "
-                f"({output_dir}) until killed",
-                flush=True,
-            )
-            while True:
-                time.sleep(3600)
+        self.data.sampler.load_state_dict(saved["sampler"])
+        return _rng_problem(path, self.accelerator.process_index)
 
     def _trainer_state(self) -> dict:
         return {
             "state": self.state.to_dict(),
-            "sampler": self.sampler.state_dict(self.state.batch_in_epoch),
+            "sampler": self.data.sampler.state_dict(self.state.batch_in_epoch),
             "config": self.cfg.to_dict(),
             "args": sys.argv[1:],
         }
@@ -215,84 +113,66 @@ class Trainer:
 
     # ----------------------------------------------------------------- loop
     def fit(self) -> Outcome:
-        val, stopped_by = None, None
+        val, stopped_by, saved = None, None, None
         while self.state.epoch < self.cfg.train.epochs and stopped_by is None:
-            report.epoch_header(self.accelerator, self.state.epoch, self.cfg.train.epochs)
+            report.epoch_header(self.state.epoch, self.cfg.train.epochs)
             epoch_start = time.perf_counter()
-            stopped_by, train_loss = self._train_epoch()
+            stopped_by, train_terms = self._train_epoch()
             if stopped_by in (None, "max-steps"):
-                val = self._end_epoch(train_loss, time.perf_counter() - epoch_start)
+                val = self._end_epoch(train_terms, time.perf_counter() - epoch_start)
                 stopped_by = stopped_by or self._early_stop()
-        if stopped_by not in (None, "max-steps", "early-stop"):
-            path = self.save()
-            report.stopped(self.accelerator, stopped_by, self.state, path)
+        if stopped_by not in (None, *REQUESTED_STOPS):
+            saved = self.save()
+            report.stopped(stopped_by, self.state, saved)
         self._save_curves()
-        return Outcome(self.state, val, stopped_by, self.checkpoint_dir)
+        return Outcome(self.state, val, stopped_by, self.checkpoint_dir, saved)
 
-    def _train_epoch(self) -> tuple[str | None, float]:
-        acc, st = self.accelerator, self.state
+    def _train_epoch(self) -> tuple[str | None, dict[str, float]]:
+        acc, st, data = self.accelerator, self.state, self.data
         accum = self.cfg.optim.gradient_accumulation_steps
-        micro_per_epoch = self.steps_per_epoch * accum
-        self.sampler.set_epoch(st.epoch)
-        self.sampler.set_start_batch(st.batch_in_epoch)
-        meter = report.StepMeter(acc, self.cfg.data.batch_size * accum * acc.num_processes)
-        batches = iter(self.train_loader)
-        progress = report.progress_bar(acc, total=micro_per_epoch, initial=st.batch_in_epoch)
-        loss_finite = True
-        while st.batch_in_epoch < micro_per_epoch:
+        data.sampler.set_epoch(st.epoch)
+        data.sampler.set_start_batch(st.batch_in_epoch)
+        samples_per_step = self.cfg.data.batch_size * accum * acc.num_processes
+        meter = report.StepMeter(acc, samples_per_step, self.term_names)
+        batches = iter(data.train_loader)
+        progress = report.progress_bar(acc, total=self.micro_per_epoch, initial=st.batch_in_epoch)
+        stop = None
+        while st.batch_in_epoch < self.micro_per_epoch and stop is None:
             with meter.waiting_for_data():
-                batch = distributed.batch_to_device(acc, next(batches))
-            with acc.accumulate(self.model):
-                micro = forward_backward(
-                    acc,
-                    self.model,
-                    batch,
-                    bptt_window=self.cfg.train.bptt_window,
-                    tbptt_mode=self.cfg.train.tbptt_mode,
-                    step_number=st.global_step + 1,
-                    injection=self.injection,
-                )
-            loss_finite &= micro.finite
-            meter.add_loss(micro.loss if micro.finite else None)
-            st.batch_in_epoch += 1
-            progress.update(1)
-            if not acc.sync_gradients:
-                continue
-            update = apply_update(
+                micro = [distributed.batch_to_device(acc, next(batches)) for _ in range(accum)]
+            result = train_step(
                 acc,
                 self.model,
                 self.optimizer,
                 self.scheduler,
-                max_grad_norm=self.cfg.optim.max_grad_norm,
-                loss_finite=loss_finite,
+                micro,
+                self.built.loss_fn,
+                self.built.step_settings,
+                step=st.global_step + 1,
                 stop_requested=self.stop.requested,
             )
-            loss_finite = True
-            stop = self._after_update(update, micro.loss, meter, micro_per_epoch)
-            if stop:
-                progress.close()
-                return stop, meter.epoch_mean()
+            st.batch_in_epoch += accum
+            progress.update(accum)
+            stop = self._after_step(result, meter)
         progress.close()
-        return None, meter.epoch_mean()
+        return stop, meter.epoch_means()
 
-    def _after_update(
-        self, update: Update, loss: torch.Tensor, meter: report.StepMeter, micro_per_epoch: int
-    ) -> str | None:
+    def _after_step(self, result: StepResult, meter: report.StepMeter) -> str | None:
         st, cfg = self.state, self.cfg
         st.global_step += 1
-        if update.applied:
+        if result.applied:
             st.applied_steps += 1
             st.consecutive_skips = 0
         else:
-            self._record_skip(update, loss)
-        meter.add_update(update)
+            self._record_skip(result)
+        meter.add(result)
         if st.global_step % cfg.train.log_every == 0:
-            self._log_train(meter, micro_per_epoch)
+            self._log_train(meter)
         if st.consecutive_skips >= cfg.train.max_consecutive_skips:
             self._abort_after_skips()
         if cfg.checkpoint.save_every and st.global_step % cfg.checkpoint.save_every == 0:
             self.save()
-        if update.stop:
+        if result.stop:
             return self.stop.reason or "signal on another rank"
         if cfg.train.max_steps and st.global_step >= cfg.train.max_steps:
             return "max-steps"
@@ -300,15 +180,14 @@ class Trainer:
             return "stop-at-step"
         return None
 
-    def _record_skip(self, update: Update, loss: torch.Tensor) -> None:
+    def _record_skip(self, result: StepResult) -> None:
         st = self.state
         st.skipped_steps += 1
         st.consecutive_skips += 1
         st.history["skipped"].append(st.global_step)
-        why = describe_skip(self.accelerator, self.model, update, loss)  # collective, rare path
-        distributed.discard_gradients(self.model, self.optimizer)
-        self.accelerator.print(
-            f"Warning: NaN/Inf at step {st.global_step}, skipping update on all ranks: {why}"
+        report.log.warning(
+            f"Warning: NaN/Inf at step {st.global_step}, skipping update on all ranks: "
+            f"{result.skip_reason}"
         )
 
     def _abort_after_skips(self) -> None:
@@ -320,81 +199,100 @@ class Trainer:
             + report.skip_advice(self.cfg)
         )
 
-    def _log_train(self, meter: report.StepMeter, micro_per_epoch: int) -> None:
-        metrics = meter.flush(
-            lr=self.scheduler.get_last_lr()[0], skipped=self.state.skipped_steps
-        )  # sync point
+    def _log_train(self, meter: report.StepMeter) -> None:
+        metrics = meter.flush(lr=current_lr(self.scheduler), skipped=self.state.skipped_steps)
         st = self.state
         st.history["step"].append(st.global_step)
         st.history["train_loss"].append(metrics["train/loss"])
-        report.step_line(self.accelerator, st.batch_in_epoch, micro_per_epoch, metrics)
+        for name in self.term_names:
+            st.history.setdefault(f"train_{name}", []).append(metrics[f"train/{name}"])
+        report.step_line(
+            st.global_step,
+            self.cfg.train.epochs * self.data.steps_per_epoch,
+            self.term_names,
+            metrics,
+        )
         tracking.log_metrics(self.accelerator, metrics, step=st.global_step)
 
-    def _end_epoch(self, train_loss: float, seconds: float) -> ValResult:
-        val = evaluate(self.accelerator, self.model, self.val_loader, self.val_n_real)
+    # ----------------------------------------------------------------- epoch end
+    def _end_epoch(self, train_terms: dict[str, float], seconds: float) -> ValResult:
+        val = evaluate(
+            self.accelerator,
+            self.model,
+            self.data.val_loader,
+            self.data.val_n_real,
+            self.built.val_loss_fn,
+            self.built.step_settings.loss_weights,
+            describe_sample=self.data.describe_val_sample,
+        )
         st = self.state
-        improved = val.loss < st.best_val_loss
+        improved = val.nonfinite_samples == 0 and val.loss < st.best_val_loss
         if improved:
             st.best_val_loss, st.epochs_without_improvement = val.loss, 0
-            checkpoint.save_model_weights(
-                self.accelerator,
-                self.model,
-                self.run_dir / "best",
-                {
-                    "config": self.cfg.to_dict(),
-                    "epoch": st.epoch,
-                    "global_step": st.global_step,
-                    "val_loss": val.loss,
-                },
-            )
+            self._save_best(val)
         else:
             st.epochs_without_improvement += 1
         st.history["epoch"].append(st.epoch)
         st.history["val_loss"].append(val.loss)
-        report.epoch_summary(self.accelerator, train_loss, val, seconds, improved)
+        for name in self.term_names:
+            st.history.setdefault(f"val_{name}", []).append(val.terms[name])
+        report.epoch_summary(train_terms, val, seconds, improved)
         self._log_validation(val)
         st.epoch, st.batch_in_epoch = st.epoch + 1, 0
         self.save()
         return val
 
+    def _save_best(self, val: ValResult) -> None:
+        st = self.state
+        checkpoint.save_model_weights(
+            self.accelerator,
+            self.model,
+            self.run_dir / "best",
+            {
+                "config": self.cfg.to_dict(),
+                "epoch": st.epoch,
+                "global_step": st.global_step,
+                "val_loss": val.loss,
+                "val_terms": val.terms,
+            },
+        )
+
     def _log_validation(self, val: ValResult) -> None:
-        metrics = {
-            "val/loss": val.loss,
-            "val/vrmse_step_1": val.vrmse_per_step[0],
-            "val/persistence_vrmse_step_1": val.persistence_vrmse_per_step[0],
-            "val/vrmse_ratio_step_1": val.one_step_ratio,
-            "epoch": self.state.epoch,
-        }
+        metrics = {f"val/{name}": value for name, value in val.terms.items() if name != "total"}
+        metrics.update(
+            {
+                "val/loss": val.loss,
+                "val/vrmse_ratio_step_1": val.one_step_ratio,
+                "val/nonfinite_samples": val.nonfinite_samples,
+                "epoch": self.state.epoch,
+            }
+        )
         for k, (m, p) in enumerate(
             zip(val.vrmse_per_step, val.persistence_vrmse_per_step, strict=True), start=1
         ):
             metrics[f"val/vrmse_step_{k}"], metrics[f"val/persistence_vrmse_step_{k}"] = m, p
         tracking.log_metrics(self.accelerator, metrics, step=self.state.global_step)
         if self.accelerator.is_main_process and val.example is not None:
-            truth, pred = val.example
-            figures = {
-                "val/rollout": plots.rollout_figure(
-                    truth, pred, title=f"epoch {self.state.epoch + 1}"
-                ),
-                "val/vrmse_per_step": plots.vrmse_figure(
-                    val.vrmse_per_step, val.persistence_vrmse_per_step
-                ),
-            }
-            for name, fig in figures.items():
-                plots.save_figure(
-                    fig,
-                    self.run_dir
-                    / "figures"
-                    / f"{name.split('/')[1]}_epoch{self.state.epoch + 1:03d}.png",
-                )
-            tracking.log_figures(self.accelerator, figures, step=self.state.global_step)
+            self._validation_figures(val)
+
+    def _validation_figures(self, val: ValResult) -> None:
+        truth, pred = val.example
+        epoch = self.state.epoch + 1
+        figures = {
+            "val/rollout": plots.rollout_figure(truth, pred, title=f"epoch {epoch}"),
+            "val/vrmse_per_step": plots.vrmse_figure(
+                val.vrmse_per_step, val.persistence_vrmse_per_step
+            ),
+        }
+        for name, fig in figures.items():
+            path = self.run_dir / "figures" / f"{name.split('/')[1]}_epoch{epoch:03d}.png"
+            plots.save_figure(fig, path)
+        tracking.log_figures(self.accelerator, figures, step=self.state.global_step)
 
     def _early_stop(self) -> str | None:
         patience = self.cfg.train.early_stop_patience
         if patience and self.state.epochs_without_improvement >= patience:
-            self.accelerator.print(
-                f"Early stopping: no validation improvement for {patience} epoch(s)"
-            )
+            report.log.info(f"Early stopping: no validation improvement for {patience} epoch(s)")
             return "early-stop"
         return None
 

@@ -103,7 +103,22 @@ def test_resume_at_batch_k_yields_exactly_the_tail_of_the_full_epoch(k, drop_las
     sampler.set_start_batch(k)
     assert sampler.batches_remaining() == len(full) - k
     assert list(sampler) == full[k:]
-    assert list(sampler) == full  # the start batch applies to one pass only
+    assert list(sampler) == full[k:]  # every pass of the epoch, until set again
+    sampler.set_start_batch(0)
+    assert list(sampler) == full
+
+
+@pytest.mark.parametrize("num_workers", [1, 2])
+def test_multi_worker_dataloader_resumes_at_batch_k(num_workers):
+    """torch's multi-worker DataLoader calls iter(batch_sampler) twice when its iterator is
+    created: a start batch that only the first iter() saw was lost (batches 0..k-1 retrained)."""
+    sampler = DistributedBatchSampler(400, 8, num_replicas=2, rank=1, seed=3)
+    full = list(sampler)
+    sampler.set_start_batch(20)
+    loader = torch.utils.data.DataLoader(
+        CountingDataset(400), batch_sampler=sampler, num_workers=num_workers
+    )
+    assert [batch.tolist() for batch in loader] == full[20:]
 
 
 def test_resumed_dataloader_never_reads_items_of_skipped_batches():

@@ -55,8 +55,6 @@ def train_flags(dataset: Path, out: Path, *extra: str) -> list[str]:
         "2",
         "--batch-size",
         "2",
-        "--num-workers",
-        "0",
         "--warmup-steps",
         "2",
         "--lr",
@@ -74,15 +72,36 @@ def train_flags(dataset: Path, out: Path, *extra: str) -> list[str]:
     ]
 
 
-def kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL the launcher and every worker it started (torch elastic workers get their own
-    process group, so killing the launcher's group alone would leave them running)."""
+def job_processes(proc: subprocess.Popen) -> list:
+    """The launcher and every process below it, by pid (torch elastic starts each rank in its
+    own session, so a kill of the launcher's process group would leave the ranks running)."""
     import psutil
 
     try:
-        family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        return [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
     except psutil.NoSuchProcess:
-        family = []
+        return []
+
+
+def rank_process(proc: subprocess.Popen, rank: int):
+    """The psutil.Process of training rank `rank` of a launch (found by its RANK variable)."""
+    import psutil
+
+    for p in job_processes(proc)[1:]:
+        with contextlib.suppress(psutil.Error):
+            env = p.environ()
+            if env.get("RANK") == str(rank) and "NOA_TEST_OUT" in env and "LOCAL_RANK" in env:
+                cmdline = " ".join(p.cmdline())
+                if "train_worker.py" in cmdline or "train.py" in cmdline:
+                    return p
+    raise AssertionError(f"no process of rank {rank} under launcher {proc.pid}")
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL the launcher and every process it started, by pid."""
+    import psutil
+
+    family = job_processes(proc)
     for p in family:
         with contextlib.suppress(psutil.NoSuchProcess):
             p.kill()
@@ -95,9 +114,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def env_for_test(out: Path) -> dict[str, str]:
+def env_for_test(out: Path, **extra: str) -> dict[str, str]:
     env = dict(
         os.environ,
+        **extra,
         NOA_TEST_OUT=str(out),
         OMP_NUM_THREADS="1",
         WANDB_MODE="disabled",
@@ -145,17 +165,21 @@ def launch(
     args: list[str],
     out: Path,
     *,
-    timeout: float = 300,
+    timeout: float = 600,
     script: Path = WORKER,
     extra_launch: list[str] = (),
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
-    """Run the worker under accelerate launch; fail with its output if it fails or hangs."""
+    """Run the worker under accelerate launch; fail with its output if it fails or hangs.
+
+    `env`: extra variables, e.g. NOA_TEST_SKIP_STEPS (see tests/dist/train_worker.py).
+    """
     out.mkdir(parents=True, exist_ok=True)
     cmd = launch_command(n_procs, script, args, extra_launch)
     proc = subprocess.Popen(
         cmd,
         cwd=REPO,
-        env=env_for_test(out),
+        env=env_for_test(out, **(env or {})),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -114,7 +114,13 @@ class DistributedBatchSampler(torch.utils.data.Sampler[list[int]]):
         self._epoch = epoch
 
     def set_start_batch(self, k: int) -> None:
-        """Make the next pass start at this rank's batch k of the epoch (one pass only)."""
+        """Make every pass over the current epoch start at this rank's batch k.
+
+        Kept until the next call: torch's multi-worker DataLoader calls `iter()` on its batch
+        sampler twice when it creates its iterator, so a start that only the first `iter()`
+        saw would be lost (the epoch would then retrain batches 0..k-1 and never train the
+        last k). The training loop sets it for every epoch (0 for a fresh one).
+        """
         if not 0 <= k <= len(self):
             raise ConfigError(
                 f"sampler: start batch {k} is outside the epoch's 0..{len(self)} batches per rank"
@@ -129,12 +135,8 @@ class DistributedBatchSampler(torch.utils.data.Sampler[list[int]]):
         return rng.permutation(self.n_items).astype(np.int64)
 
     def __iter__(self) -> Iterator[list[int]]:
-        # Not a generator function: the start batch is consumed (reset to 0) when the pass
-        # begins, not lazily at the first next(), so a second iter() starts at batch 0.
-        start, self._start_batch = self._start_batch, 0
-        return self._batches(start)
-
-    def _batches(self, start: int) -> Iterator[list[int]]:
+        """This rank's batches of the epoch from the start batch: the same on every call."""
+        start = self._start_batch
         order = self.epoch_order()
         round_size = self.batch_size * self.num_replicas
         n_batches = len(self)

@@ -1,0 +1,255 @@
+"""Config -> everything training needs: data, model, optimizer, scheduler, loss (nothing runs here).
+
+Weights given with `--init-from` are loaded into the bare model *before* `accelerator.prepare`:
+under ZeRO-1/2 the fp32 master copy is made in `prepare` and would overwrite weights loaded
+later at the first step, and ZeRO-3 has partitioned the parameters by then.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import multiprocessing
+import multiprocessing.util  # registers its own exit handler first
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from noa_dist import distributed, faults
+from noa_dist.config import Config
+from noa_dist.data.dataset import WellWindowDataset, delta_scale
+from noa_dist.data.sampler import DistributedBatchSampler, ShardedEvalSampler
+from noa_dist.data.schema import load_stats
+from noa_dist.errors import ConfigError
+from noa_dist.losses import trajectory_mse
+from noa_dist.models.build import build_model
+from noa_dist.rollout import Window
+from noa_dist.schedule import build_scheduler
+from noa_dist.step import LossFn, StepSettings
+from noa_dist.weights import load_weights
+
+WORKER_IGNORED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+
+
+@dataclass
+class TrainData:
+    train: Dataset
+    val: Dataset
+    layout_source: WellWindowDataset  # the train split's reader: channels, stats
+    val_source: WellWindowDataset
+    sampler: DistributedBatchSampler
+    train_loader: DataLoader
+    val_loader: DataLoader
+    val_n_real: int  # this rank's unpadded validation samples
+    steps_per_epoch: int
+
+    def describe_val_sample(self, index: int) -> str:
+        return self.val_source.describe_sample(index)
+
+
+@dataclass
+class Built:
+    data: TrainData
+    model: torch.nn.Module  # prepared (DDP / DeepSpeed engine)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    loss_fn: LossFn  # with --debug-inject-nan applied, if given
+    val_loss_fn: LossFn
+    step_settings: StepSettings
+    n_params: int
+    total_steps: int
+
+
+def build(cfg: Config, accelerator: Accelerator, root: Path) -> Built:
+    data = build_data(cfg, accelerator, root)
+    total_steps = total_optimizer_steps(cfg, data.steps_per_epoch)
+    model = _bare_model(cfg, data.layout_source, root)
+    n_params = sum(p.numel() for p in model.parameters())
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay
+    )
+    scheduler = build_scheduler(
+        optimizer,
+        warmup_steps=cfg.optim.warmup_steps,
+        total_steps=total_steps,
+        schedule=cfg.optim.lr_schedule,
+    )
+    distributed.configure_deepspeed(
+        accelerator, micro_batch_size=cfg.data.batch_size, gradient_clipping=cfg.optim.max_grad_norm
+    )
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    val_loss_fn, weights = build_loss(cfg)
+    loss_fn = val_loss_fn
+    if cfg.debug.debug_inject_nan:
+        injections = faults.parse_nan_injections(cfg.debug.debug_inject_nan)
+        loss_fn = faults.with_nan_injection(loss_fn, injections, accelerator.process_index)
+    settings = StepSettings(
+        bptt_window=cfg.train.bptt_window,
+        tbptt_mode=cfg.train.tbptt_mode,
+        max_grad_norm=cfg.optim.max_grad_norm,
+        loss_weights=weights,
+    )
+    return Built(
+        data, model, optimizer, scheduler, loss_fn, val_loss_fn, settings, n_params, total_steps
+    )
+
+
+def total_optimizer_steps(cfg: Config, steps_per_epoch: int) -> int:
+    """The schedule's length: epochs x steps per epoch, capped by --max-steps."""
+    steps = cfg.train.epochs * steps_per_epoch
+    return min(steps, cfg.train.max_steps) if cfg.train.max_steps else steps
+
+
+def build_loss(cfg: Config) -> tuple[LossFn, dict[str, float]]:
+    """The loss function (window, batch) -> unweighted terms, and the weight of each term."""
+
+    def loss_fn(window: Window, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        target_BTCHW = batch["target"][:, window.start : window.stop]
+        return {"traj": trajectory_mse(window.pred_BTCHW, target_BTCHW)}
+
+    return loss_fn, {"traj": 1.0}
+
+
+# ---------------------------------------------------------------- model
+
+
+def _bare_model(cfg: Config, train_set: WellWindowDataset, root: Path) -> torch.nn.Module:
+    """The U-AFNO, identical on every rank; from --init-from weights if given."""
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(
+        cfg.model, in_channels=train_set.n_channels, cond_channels=train_set.n_cond_channels
+    )
+    scale = delta_scale(train_set.layout, load_stats(root))
+    model.delta_scale.copy_(torch.from_numpy(scale))
+    if cfg.checkpoint.init_from:
+        _load_init_weights(model, Path(cfg.checkpoint.init_from))
+    return model
+
+
+def _load_init_weights(model: torch.nn.Module, path: Path) -> None:
+    state_dict, _ = load_weights(path)
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as err:
+        raise ConfigError(
+            f"--init-from {path}: the weights do not fit this model ({err}); "
+            "use the model flags the weights were trained with"
+        ) from None
+    logging.getLogger("noa_dist").info(
+        f"Initialised model weights from {path} (optimizer and schedule start fresh)"
+    )
+
+
+# ---------------------------------------------------------------- data
+
+
+def build_data(cfg: Config, accelerator: Accelerator, root: Path) -> TrainData:
+    d = cfg.data
+    train_set = WellWindowDataset(root, "train", d.timesteps, window_stride=d.window_stride)
+    val_set = WellWindowDataset(root, "valid", d.timesteps, window_stride=d.window_stride)
+    train = spread_subset(train_set, d.n_samples, "--n-samples")
+    val = spread_subset(val_set, d.val_samples, "--val-samples")
+    sampler = DistributedBatchSampler(
+        len(train),
+        d.batch_size,
+        num_replicas=accelerator.num_processes,
+        rank=accelerator.process_index,
+        seed=cfg.train.seed,
+        shuffle=True,
+        drop_last=True,
+    )
+    accum = cfg.optim.gradient_accumulation_steps
+    steps_per_epoch = len(sampler) // accum
+    if steps_per_epoch == 0:
+        raise ConfigError(
+            f"{len(train)} training windows are fewer than one optimizer step needs: "
+            f"--batch-size {d.batch_size} x {accelerator.num_processes} processes x "
+            f"--gradient-accumulation-steps {accum}; lower them or add data"
+        )
+    val_sampler = ShardedEvalSampler(
+        len(val), num_replicas=accelerator.num_processes, rank=accelerator.process_index
+    )
+    return TrainData(
+        train=train,
+        val=val,
+        layout_source=train_set,
+        val_source=val_set,
+        sampler=sampler,
+        train_loader=_loader(train, cfg, batch_sampler=sampler, num_workers=d.num_workers),
+        val_loader=_loader(
+            val,
+            cfg,
+            sampler=val_sampler,
+            batch_size=d.batch_size,
+            num_workers=min(d.num_workers, 1),
+        ),
+        val_n_real=val_sampler.n_real,
+        steps_per_epoch=steps_per_epoch,
+    )
+
+
+def spread_subset(dataset: WellWindowDataset, n: int | None, flag: str) -> Dataset:
+    """N windows spread evenly over the split (the first N would all come from its first
+    trajectories); the whole split when N is unset."""
+    if n is None or n == len(dataset):
+        return dataset
+    if n > len(dataset):
+        raise ConfigError(
+            f"{flag} {n}: the split has only {len(dataset)} windows ({dataset.info.root})"
+        )
+    return Subset(dataset, np.linspace(0, len(dataset) - 1, n).round().astype(int).tolist())
+
+
+def ignore_stop_signals_in_worker(_worker_id: int) -> None:
+    """DataLoader workers ignore the job's stop signals: SLURM and torch's elastic agent signal
+    every process of the job, and a worker killed by SIGTERM would crash the rank instead of
+    letting it save. The rank ends its workers itself (`_kill_workers_at_exit`); a worker whose
+    rank died exits by itself (torch's worker watchdog)."""
+    for sig in WORKER_IGNORED_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def _kill_workers_at_exit() -> None:
+    """At interpreter exit multiprocessing SIGTERMs its daemon children and joins them: with
+    SIGTERM ignored the join would never return. This runs first (atexit is LIFO) and SIGKILLs
+    them; DataLoader workers hold nothing but read-only file handles. torch's SIGCHLD handler
+    would raise on the first death and leave the others alive: it is reset first."""
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    daemons = [child for child in multiprocessing.active_children() if child.daemon]
+    for child in daemons:
+        child.kill()
+    for child in daemons:
+        child.join(timeout=10)
+
+
+atexit.register(_kill_workers_at_exit)  # after multiprocessing's own handler: runs before it
+
+
+def _loader(
+    dataset: Dataset,
+    cfg: Config,
+    *,
+    num_workers: int,
+    batch_sampler=None,
+    sampler=None,
+    batch_size: int | None = None,
+) -> DataLoader:
+    # Its own generator: iter() draws the workers' base seed from it, not from the global RNG
+    # (which would then differ between a resumed and a straight run).
+    generator = torch.Generator().manual_seed(cfg.train.seed)
+    return DataLoader(
+        dataset,
+        batch_sampler=batch_sampler,
+        sampler=sampler,
+        batch_size=batch_size if batch_sampler is None else 1,
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=num_workers > 0,
+        worker_init_fn=ignore_stop_signals_in_worker if num_workers > 0 else None,
+        generator=generator,
+    )

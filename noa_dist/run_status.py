@@ -1,0 +1,48 @@
+"""Markers in the run folder that scripts read instead of the exit code.
+
+Through `accelerate launch` the exit code is not reliable: torch's elastic agent exits 1
+after it forwarded a signal, whatever the ranks returned. So a run leaves one marker:
+`STOPPED` (a requested stop: signal, `--stop-at-step`, a dead launcher; the run can be
+resumed with `--resume auto`) or `FINISHED` (the run reached its end), each a JSON object
+with the reason, the step and the checkpoint. A crash leaves neither. A (re)start clears both.
+
+    if [ -f runs/exp1/STOPPED ]; then scontrol requeue "$SLURM_JOB_ID"; fi
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+STOPPED = "STOPPED"
+FINISHED = "FINISHED"
+
+
+def clear(run_dir: Path) -> None:
+    for name in (STOPPED, FINISHED):
+        (Path(run_dir) / name).unlink(missing_ok=True)
+
+
+def mark(run_dir: Path, name: str, **fields: Any) -> Path:
+    """Write marker `name` (STOPPED or FINISHED) atomically with `fields` and a timestamp."""
+    path = Path(run_dir) / name
+    record = {**fields, "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    tmp = path.with_name(f".{name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(json.dumps(record, default=str) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def read(run_dir: Path) -> dict[str, Any] | None:
+    """The marker's content with its name under "marker", or None when there is none."""
+    for name in (STOPPED, FINISHED):
+        path = Path(run_dir) / name
+        if path.is_file():
+            return {"marker": name, **json.loads(path.read_text(encoding="utf-8"))}
+    return None
