@@ -16,6 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from noa_dist.data.schema import (
+    DATA_DIR,
     SPLITS,
     STATS_FILE,
     ShardInfo,
@@ -25,6 +26,7 @@ from noa_dist.data.schema import (
     open_hdf5,
     read_shard_info,
     shard_difference,
+    split_dir,
     stats_problems,
 )
 from noa_dist.errors import DataError
@@ -107,7 +109,7 @@ def _read_split(root: Path, split: str) -> tuple[list[ShardInfo], list[str]]:
     except DataError as err:
         return [], [str(err)]
     if not paths:
-        return [], [f"{root / 'data' / split}: empty split, no .hdf5 shards"]
+        return [], [f"{split_dir(root, split)}: empty split, no .hdf5 shards"]
     shards, problems = [], []
     for path in paths:
         try:
@@ -119,7 +121,7 @@ def _read_split(root: Path, split: str) -> tuple[list[ShardInfo], list[str]]:
         if difference:
             problems.append(f"{other.path}: disagrees with {shards[0].path}: {difference}")
     if shards and sum(s.n_trajectories for s in shards) == 0:
-        problems.append(f"{root / 'data' / split}: empty split, its shards hold 0 trajectories")
+        problems.append(f"{split_dir(root, split)}: empty split, its shards hold 0 trajectories")
     return shards, problems
 
 
@@ -150,7 +152,7 @@ def _config_problems(root, shards_by_split, timesteps, n_channels, grid) -> list
     """The dataset against the training config: window length, grid, channel count."""
     problems = []
     for split, shards in shards_by_split.items():
-        where = root / "data" / split
+        where = split_dir(root, split)
         n_steps = min(s.n_steps for s in shards)
         if timesteps is not None and timesteps + 1 > n_steps:
             problems.append(
@@ -257,7 +259,7 @@ def _describe_scalar(ds: h5py.Dataset, spec) -> str:
 
 def _footer(root: Path) -> list[str]:
     stats = root / STATS_FILE
-    size = sum(p.stat().st_size for p in (root / "data").rglob("*") if p.is_file())
+    size = sum(p.stat().st_size for p in (root / DATA_DIR).rglob("*") if p.is_file())
     return [
         f"stats    {stats if stats.is_file() else 'MISSING: ' + str(stats)}",
         f"size     {size / 2**20:.1f} MiB on disk",
