@@ -2,7 +2,8 @@
 
 `check_dataset` keeps going after a problem: a run should not fail on its fifth start because
 of the fifth of five problems that one pass could have listed. Each problem is one line that
-starts with the file or directory it is about.
+starts with the file or directory it is about. Training needs train and valid; an absent test
+split is a note (`dataset_notes`), not a problem.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from tqdm import tqdm
 
 from noa_dist.data.schema import (
     DATA_DIR,
+    REQUIRED_SPLITS,
     SPLITS,
     STATS_FILE,
     ShardInfo,
@@ -45,7 +47,7 @@ def check_dataset(
 ) -> list[str]:
     """All problems of a dataset root, and of it against a training config if given.
 
-    Finds missing or empty splits, unreadable shards, missing attrs/groups, shards that disagree,
+    Finds missing or empty train/valid splits, unreadable shards, missing attrs/groups, shards that disagree,
     NaN/Inf per trajectory, stats.yaml gaps, and timesteps/grid/channel-count mismatches.
     """
     root = Path(root)
@@ -70,6 +72,18 @@ def check_dataset(
     return problems
 
 
+def dataset_notes(root: str | os.PathLike) -> list[str]:
+    """What is absent but not needed: a split other than train and valid without shards."""
+    if not Path(root).is_dir():
+        return []  # check_dataset reports the missing root
+    return [
+        f"{split_dir(root, split)}: no {split} split (optional: training reads only "
+        f"{' and '.join(REQUIRED_SPLITS)})"
+        for split in SPLITS
+        if split not in REQUIRED_SPLITS and _absent(Path(root), split)
+    ]
+
+
 def describe_dataset(root: str | os.PathLike) -> str:
     """A human summary for `noa-data info`: splits, grid, channels, scalars, stats, size."""
     root = Path(root)
@@ -86,6 +100,8 @@ def describe_dataset(root: str | os.PathLike) -> str:
                 f"  {split:6} {len(shards):4} shards {n_traj:6} trajectories  n_steps {n_steps}"
             )
         lines += [f"  {split:6} problem: {p}" for p in problems]
+        if not shards and not problems:
+            lines.append(f"  {split:6} absent (optional)")
     if reference is None:
         return "\n".join([f"dataset root {root}: no readable shard", *lines])
     header = [
@@ -102,8 +118,16 @@ def describe_dataset(root: str | os.PathLike) -> str:
 # --- reading and comparing shards ---------------------------------------------------------
 
 
+def _absent(root: Path, split: str) -> bool:
+    directory = split_dir(root, split)
+    return not directory.is_dir() or not list_shards(root, split)
+
+
 def _read_split(root: Path, split: str) -> tuple[list[ShardInfo], list[str]]:
-    """Readable shards of a split and the problems of the others (missing dir, empty, ...)."""
+    """Readable shards of a split and the problems of the others (missing dir, empty, ...);
+    an absent optional split has neither."""
+    if split not in REQUIRED_SPLITS and _absent(root, split):
+        return [], []
     try:
         paths = list_shards(root, split)
     except DataError as err:
@@ -270,7 +294,8 @@ def summary_line(root: str | os.PathLike) -> str:
     """One line for `noa-data check` when nothing is wrong: splits, n_steps, grid, channels."""
     root = Path(root)
     shards_by_split = {split: _read_split(root, split)[0] for split in SPLITS}
-    first = next(shards[0] for shards in shards_by_split.values() if shards)
+    shards_by_split = {split: shards for split, shards in shards_by_split.items() if shards}
+    first = next(iter(shards_by_split.values()))[0]
     splits = ", ".join(
         f"{split} {len(shards)} shards/{sum(s.n_trajectories for s in shards)} trajectories"
         for split, shards in shards_by_split.items()

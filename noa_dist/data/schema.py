@@ -19,7 +19,8 @@ import yaml
 
 from noa_dist.errors import DataError
 
-SPLITS = ("train", "valid", "test")
+REQUIRED_SPLITS = ("train", "valid")  # what training reads
+SPLITS = (*REQUIRED_SPLITS, "test")  # test is for evaluation only and may be absent
 DATA_DIR = "data"  # <root>/data/<split>/*.hdf5
 SHARD_SUFFIXES = (".hdf5", ".h5")
 STATS_FILE = "stats.yaml"
