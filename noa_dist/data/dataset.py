@@ -57,12 +57,15 @@ class ChannelNorm:
 def channel_norm(
     layout: ChannelLayout, stats: dict[str, Any], stats_path: str | os.PathLike
 ) -> ChannelNorm:
-    """Mean/std vectors for `layout`; a zero std (a constant field) is replaced by 1."""
+    """Mean/std vectors for `layout`; a zero std (a constant field) is replaced by 1.
+
+    Raises one DataError listing every gap (preflight.data_problems reports the same lines
+    before the process group starts; this is the check for callers outside training)."""
     problems = stats_problems(
         stats, layout.predicted_fields + layout.conditioning_fields, stats_path
     )
     if problems:
-        raise DataError(problems[0])
+        raise DataError("\n".join(problems))
 
     def vector(key: str, fields: tuple[FieldSpec, ...]) -> np.ndarray:
         parts = [_component_values(stats[key][f.name], f.n_components) for f in fields]

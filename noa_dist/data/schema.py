@@ -352,21 +352,21 @@ def load_stats(root: str | os.PathLike) -> dict[str, Any]:
 
 
 def stats_problems(stats: dict[str, Any], fields, stats_path: str | os.PathLike) -> list[str]:
-    """Every way stats.yaml fails to give a finite mean/std per component of `fields`."""
+    """Every way stats.yaml fails to give a finite mean/std per component of `fields`, one line
+    per key and field (`<stats.yaml>: mean/pressure: missing ...`), so that all show at once."""
     problems = []
     for key in NORMALIZATION_KEYS:
         table = stats.get(key)
         if not isinstance(table, dict):
             problems.append(f"{stats_path}: key {key!r}: missing, expected field name -> value(s)")
             continue
-        missing = [f.name for f in fields if f.name not in table]
-        if missing:
-            problems.append(f"{stats_path}: {key}: no entry for fields {missing}")
         for field in fields:
-            if field.name in table:
+            if field.name not in table:
+                problem = f"missing, expected {field.n_components} value(s)"
+            else:
                 problem = _stats_value_problem(table[field.name], field, key)
-                if problem:
-                    problems.append(f"{stats_path}: {key}/{field.name}: {problem}")
+            if problem:
+                problems.append(f"{stats_path}: {key}/{field.name}: {problem}")
     return problems
 
 
