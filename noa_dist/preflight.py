@@ -85,8 +85,8 @@ def _split_problems(cfg: Config, info: DatasetInfo) -> list[str]:
     where = split_dir(info.root, info.split)
     if cfg.data.timesteps + 1 > info.n_steps:
         problems.append(
-            f"--timesteps {cfg.data.timesteps} needs {cfg.data.timesteps + 1} frames per trajectory "
-            f"but {where} stores {info.n_steps}; use --timesteps <= {info.n_steps - 1}"
+            f"--timesteps {cfg.data.timesteps} needs {cfg.data.timesteps + 1} frames per "
+            f"trajectory but {where} stores {info.n_steps}; use --timesteps <= {info.n_steps - 1}"
         )
     factor = 2**cfg.model.encoder_levels
     if any(n % factor for n in info.spatial_shape):

@@ -1,4 +1,4 @@
-"""preflight.data_problems: every problem of the data against the config, before any process group."""
+"""preflight.data_problems: every problem of the data against the config, before any rank waits."""
 
 from __future__ import annotations
 

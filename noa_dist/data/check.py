@@ -47,8 +47,9 @@ def check_dataset(
 ) -> list[str]:
     """All problems of a dataset root, and of it against a training config if given.
 
-    Finds missing or empty train/valid splits, unreadable shards, missing attrs/groups, shards that disagree,
-    NaN/Inf per trajectory, stats.yaml gaps, and timesteps/grid/channel-count mismatches.
+    Finds missing or empty train/valid splits, unreadable shards, missing attrs/groups, shards
+    that disagree, NaN/Inf per trajectory, stats.yaml gaps, and timesteps/grid/channel-count
+    mismatches.
     """
     root = Path(root)
     if not root.is_dir():

@@ -1,8 +1,11 @@
-"""The Well format on disk: shard metadata, split consistency, stats.yaml and the channel mapping.
+"""The Well format on disk: its names, the field spec, shard metadata, split consistency,
+stats.yaml and the channel mapping.
 
-A dataset root is `<root>/data/{train,valid,test}/*.hdf5` plus `<root>/stats.yaml`. Nothing here
-reads field values: dataset.py reads training windows and check.py scans for NaN/Inf. Every
-failure raises one `DataError` line `<file>: <group/key>: <what was expected>`.
+A dataset root is `<root>/data/{train,valid,test}/*.hdf5` plus `<root>/stats.yaml`. The names of
+groups, attributes and stats.yaml keys are defined here once; writer.py writes with them and
+`field_spec` builds the one FieldSpec type both the reader and the writer use. Nothing here
+reads field values: dataset.py reads training windows, stats.py moments, check.py NaN/Inf.
+Every failure raises one `DataError` line `<file>: <group/key>: <what was expected>`.
 """
 
 from __future__ import annotations
