@@ -11,7 +11,17 @@ import os
 from pathlib import Path
 
 from noa_dist.config import Config
-from noa_dist.data.schema import read_split_info
+from noa_dist.data.schema import (
+    REQUIRED_SPLITS,
+    STATS_FILE,
+    DatasetInfo,
+    channel_layout,
+    load_stats,
+    read_split_info,
+    shard_difference,
+    split_dir,
+    stats_problems,
+)
 from noa_dist.errors import ConfigError, DataError
 
 DEMO = {"n_trajectories": 256, "grid": 64, "timesteps": 64}
@@ -48,29 +58,57 @@ def dataset_root(cfg: Config) -> Path:
 
 
 def data_problems(cfg: Config, root: Path) -> list[str]:
-    """Config against data: splits readable, T fits, grid divisible by the U-Net's downsampling."""
+    """Config against data, every problem at once: train and valid readable and alike, T fits,
+    grid divisible by the U-Net's downsampling, stats.yaml complete for every channel the
+    datasets normalise (else WellWindowDataset fails on it after the process group started)."""
     problems: list[str] = []
-    for split in ("train", "valid"):
+    infos: dict[str, DatasetInfo] = {}
+    for split in REQUIRED_SPLITS:
         try:
-            info = read_split_info(root, split)
+            infos[split] = read_split_info(root, split)
         except DataError as exc:
             problems.append(str(exc))
             continue
-        if cfg.data.timesteps + 1 > info.n_steps:
+        problems += _split_problems(cfg, infos[split])
+    if len(infos) == len(REQUIRED_SPLITS):
+        train, valid = (infos[split].shards[0] for split in REQUIRED_SPLITS)
+        if difference := shard_difference(train, valid, compare_steps=False):
             problems.append(
-                f"--timesteps {cfg.data.timesteps} needs {cfg.data.timesteps + 1} frames per trajectory "
-                f"but {root}/data/{split} stores {info.n_steps}; use --timesteps <= {info.n_steps - 1}"
+                f"{valid.path}: valid disagrees with train ({train.path}): {difference}"
             )
-        factor = 2**cfg.model.encoder_levels
-        bad = [n for n in info.spatial_shape if n % factor]
-        if bad:
-            problems.append(
-                f"grid {tuple(info.spatial_shape)} of {root}/data/{split} is not divisible by "
-                f"2**encoder_levels = {factor}; lower --encoder-levels"
-            )
-    if not (root / "stats.yaml").is_file():
-        problems.append(f"{root}/stats.yaml is missing: compute it with `noa-data stats {root}`")
+    return problems + _stats_yaml_problems(root, list(infos.values()))
+
+
+def _split_problems(cfg: Config, info: DatasetInfo) -> list[str]:
+    """What one split cannot give the configured run: enough frames, a divisible grid."""
+    problems = []
+    where = split_dir(info.root, info.split)
+    if cfg.data.timesteps + 1 > info.n_steps:
+        problems.append(
+            f"--timesteps {cfg.data.timesteps} needs {cfg.data.timesteps + 1} frames per "
+            f"trajectory but {where} stores {info.n_steps}; use --timesteps <= {info.n_steps - 1}"
+        )
+    factor = 2**cfg.model.encoder_levels
+    if any(n % factor for n in info.spatial_shape):
+        problems.append(
+            f"grid {tuple(info.spatial_shape)} of {where} is not divisible by "
+            f"2**encoder_levels = {factor}; lower --encoder-levels"
+        )
     return problems
+
+
+def _stats_yaml_problems(root: Path, infos: list[DatasetInfo]) -> list[str]:
+    """Every gap of stats.yaml for the predicted and conditioning fields of `infos`' splits."""
+    stats_path = root / STATS_FILE
+    if not stats_path.is_file():
+        return [f"{stats_path} is missing: compute it with `noa-data stats {root}`"]
+    try:
+        stats = load_stats(root)
+    except DataError as exc:
+        return [str(exc)]
+    fields = {f.key: f for info in infos for f in info.fields}  # valid adds none if alike
+    layout = channel_layout(list(fields.values()))
+    return stats_problems(stats, layout.predicted_fields + layout.conditioning_fields, stats_path)
 
 
 def check_data(cfg: Config) -> Path:

@@ -173,3 +173,10 @@ def dummy_root(tmp_path: Path) -> Path:
         }
     write_stats(root, arrays, {"field": 1, "constant_field": 0})
     return root
+
+
+@pytest.fixture
+def dummy_root_without_test(dummy_root: Path) -> Path:
+    """dummy_root with the_well's file in train/ and valid/ only (what training needs)."""
+    shutil.rmtree(dummy_root / "data" / "test")
+    return dummy_root

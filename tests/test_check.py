@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -45,21 +46,44 @@ def test_nan_missing_stats_and_other_grid_are_all_reported(tiny_root):
 
 
 def test_missing_split_corrupt_file_and_missing_attr_are_all_reported(tiny_root):
-    for path in (tiny_root / "data" / "test").iterdir():
-        path.unlink()
-    (tiny_root / "data" / "test").rmdir()
-    shard_path(tiny_root, "valid").write_bytes(b"\x00" * 64)
+    shutil.rmtree(tiny_root / "data" / "valid")
+    shard_path(tiny_root, "test").write_bytes(b"\x00" * 64)
     with h5py.File(shard_path(tiny_root, i=1), "r+") as f:
         del f["t1_fields/velocity"].attrs["sample_varying"]
     problems = check_dataset(tiny_root)
     joined = "\n".join(problems)
     assert len(problems) == 3, joined
-    assert f"{tiny_root / 'data' / 'test'}: split directory not found" in joined
-    assert f"{shard_path(tiny_root, 'valid')}: cannot open as HDF5" in joined
+    assert f"{tiny_root / 'data' / 'valid'}: split directory not found" in joined
+    assert f"{shard_path(tiny_root, 'test')}: cannot open as HDF5" in joined
     assert (
         f"{shard_path(tiny_root, i=1)}: /t1_fields/velocity: missing attrs ['sample_varying']"
         in joined
     )
+
+
+def test_train_and_valid_only_passes_with_a_note_about_test(dummy_root_without_test, capsys):
+    root = dummy_root_without_test
+    assert check_dataset(root, timesteps=3, n_channels=2, grid=32) == []
+    main(["check", str(root)])  # returns: exit status 0
+    out = capsys.readouterr().out
+    assert f"note: {root / 'data' / 'test'}: no test split (optional" in out
+    assert out.splitlines()[-1] == (
+        f"OK: {root}: train 1 shards/2 trajectories, valid 1 shards/2 trajectories; "
+        "n_steps 10, grid [32, 32], 2 predicted channels"
+    )
+    assert "  test   absent (optional)" in describe_dataset(root).splitlines()
+
+
+def test_an_empty_test_directory_is_a_note_but_a_missing_train_or_valid_is_a_problem(tiny_root):
+    for path in (tiny_root / "data" / "test").iterdir():
+        path.unlink()
+    assert check_dataset(tiny_root) == []
+    assert len(check.dataset_notes(tiny_root)) == 1
+    for split in ("train", "valid"):
+        shutil.rmtree(tiny_root / "data" / split)
+        assert f"{tiny_root / 'data' / split}: split directory not found" in "\n".join(
+            check_dataset(tiny_root)
+        )
 
 
 def test_empty_split_and_stats_gaps(tiny_root):
@@ -68,8 +92,9 @@ def test_empty_split_and_stats_gaps(tiny_root):
     (tiny_root / "stats.yaml").write_text(stats)
     problems = check_dataset(tiny_root)
     assert f"{tiny_root / 'data' / 'valid'}: empty split, no .hdf5 shards" in problems
-    assert f"{tiny_root / 'stats.yaml'}: mean: no entry for fields ['pressure']" in problems
-    assert f"{tiny_root / 'stats.yaml'}: std: no entry for fields ['pressure']" in problems
+    for key in ("mean", "std"):
+        expected = f"{tiny_root / 'stats.yaml'}: {key}/pressure: missing, expected 1 value(s)"
+        assert expected in problems
 
 
 def test_config_mismatches_name_split_and_flag(tiny_root):

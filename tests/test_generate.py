@@ -19,7 +19,8 @@ from noa_dist.data.generate import (
     plan_trajectories,
     split_counts,
 )
-from noa_dist.data.writer import ShardWriter, Trajectory, chunk_shape
+from noa_dist.data.schema import field_spec, read_shard_info
+from noa_dist.data.writer import ShardLayout, ShardWriter, Trajectory, chunk_shape, grid_2d
 from noa_dist.errors import ConfigError, DataError
 
 SMALL = {"n_trajectories": 6, "grid": 32, "timesteps": 16, "progress": False}
@@ -266,3 +267,19 @@ def test_a_shard_missing_trajectories_is_discarded(tmp_path):
     ):
         pass
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_written_shard_reads_back_as_the_layouts_field_specs(small_root):
+    """Writer and reader share schema.FieldSpec: what the layout declares is what is read."""
+    layout = build_layout(grid=32, timesteps=16, compression="none")
+    info = read_shard_info(_shards(small_root)[0])
+    assert info.fields == layout.fields
+    assert (info.n_steps, info.spatial_dims, info.spatial_shape) == (17, ("x", "y"), (32, 32))
+
+
+def test_a_layout_refuses_a_field_built_on_another_grid():
+    layout = build_layout(grid=8, timesteps=2, compression="none")
+    other_grid = grid_2d(layout.time, layout.x, layout.y[:4])
+    stray = field_spec("u", 0, other_grid, time_varying=True)
+    with pytest.raises(ValueError, match="t0_fields/u"):
+        ShardLayout(**{**layout.__dict__, "fields": (stray,)})

@@ -206,7 +206,7 @@ def test_missing_stats_yaml(tiny_root):
 @pytest.mark.parametrize(
     ("edit", "expected"),
     [
-        (lambda s: s["mean"].pop("velocity"), "mean: no entry for fields ['velocity']"),
+        (lambda s: s["mean"].pop("velocity"), "mean/velocity: missing, expected 2 value(s)"),
         (lambda s: s["std"].__setitem__("velocity", [1.0, 2.0, 3.0]), "std/velocity: 3 values"),
         (lambda s: s["std"].__setitem__("pressure", -1.0), "std/pressure: negative std"),
         (lambda s: s.pop("std"), "key 'std': missing"),

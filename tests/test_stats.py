@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import h5py
@@ -15,6 +16,7 @@ from the_well.utils.dummy_data import write_dummy_data
 from noa_dist.data import stats as stats_module
 from noa_dist.data.cli import main
 from noa_dist.data.generate import generate_dataset
+from noa_dist.data.schema import read_shard_info
 from noa_dist.data.stats import compute_stats
 from noa_dist.errors import DataError
 
@@ -33,6 +35,12 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
         trajectories_per_shard=2,
         progress=False,
     )
+
+
+def _copy_of(root: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy)
+    return copy
 
 
 def _train_arrays(root: Path, name: str, order: int) -> np.ndarray:
@@ -149,3 +157,37 @@ def test_stats_refuse_to_replace_an_existing_file_without_the_flag(root, capsys)
 def test_a_missing_split_names_the_directory(tmp_path):
     with pytest.raises(DataError, match=r"data/valid: split directory not found"):
         compute_stats(tmp_path, split="valid")
+
+
+def test_stats_validate_shards_exactly_as_the_reader_does(root, tmp_path):
+    """stats.py reads through schema.py: a broken shard fails with the reader's own message."""
+    copy = _copy_of(root, tmp_path)
+    shard = sorted((copy / "data" / "train").glob("*.hdf5"))[1]
+    with h5py.File(shard, "r+") as f:
+        del f["t1_fields/advection_velocity"].attrs["sample_varying"]
+    with pytest.raises(DataError) as from_reader:
+        read_shard_info(shard)
+    with pytest.raises(DataError) as from_stats:
+        compute_stats(copy)
+    assert str(from_stats.value) == str(from_reader.value)
+    assert "missing attrs ['sample_varying']" in str(from_stats.value)
+
+
+def test_stats_combine_shards_of_different_lengths(root, tmp_path):
+    """Statistics need no common n_steps (windows do): a shorter shard still counts."""
+    copy = _copy_of(root, tmp_path)
+    shards = sorted((copy / "data" / "train").glob("*.hdf5"))
+    with h5py.File(shards[0], "r") as f:
+        u = f["t0_fields/u"][:]
+    with h5py.File(shards[0], "r+") as f:
+        del f["t0_fields/u"]
+        f["t0_fields"].create_dataset("u", data=u[:, :9])
+        f["t0_fields/u"].attrs.update(
+            dim_varying=[True, True], sample_varying=True, time_varying=True
+        )
+        time = f["dimensions/time"][:9]
+        del f["dimensions/time"]
+        f["dimensions"].create_dataset("time", data=time)
+    stats = compute_stats(copy)
+    data = np.concatenate([u[:, :9].ravel(), _train_arrays(root, "u", 0)[u.shape[0] :].ravel()])
+    np.testing.assert_allclose(stats["mean"]["u"], data.mean(), rtol=1e-6)

@@ -2,7 +2,8 @@
 
 `check_dataset` keeps going after a problem: a run should not fail on its fifth start because
 of the fifth of five problems that one pass could have listed. Each problem is one line that
-starts with the file or directory it is about.
+starts with the file or directory it is about. Training needs train and valid; an absent test
+split is a note (`dataset_notes`), not a problem.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import numpy as np
 from tqdm import tqdm
 
 from noa_dist.data.schema import (
+    DATA_DIR,
+    REQUIRED_SPLITS,
     SPLITS,
     STATS_FILE,
     ShardInfo,
@@ -25,6 +28,7 @@ from noa_dist.data.schema import (
     open_hdf5,
     read_shard_info,
     shard_difference,
+    split_dir,
     stats_problems,
 )
 from noa_dist.errors import DataError
@@ -43,8 +47,9 @@ def check_dataset(
 ) -> list[str]:
     """All problems of a dataset root, and of it against a training config if given.
 
-    Finds missing or empty splits, unreadable shards, missing attrs/groups, shards that disagree,
-    NaN/Inf per trajectory, stats.yaml gaps, and timesteps/grid/channel-count mismatches.
+    Finds missing or empty train/valid splits, unreadable shards, missing attrs/groups, shards
+    that disagree, NaN/Inf per trajectory, stats.yaml gaps, and timesteps/grid/channel-count
+    mismatches.
     """
     root = Path(root)
     if not root.is_dir():
@@ -68,6 +73,18 @@ def check_dataset(
     return problems
 
 
+def dataset_notes(root: str | os.PathLike) -> list[str]:
+    """What is absent but not needed: a split other than train and valid without shards."""
+    if not Path(root).is_dir():
+        return []  # check_dataset reports the missing root
+    return [
+        f"{split_dir(root, split)}: no {split} split (optional: training reads only "
+        f"{' and '.join(REQUIRED_SPLITS)})"
+        for split in SPLITS
+        if split not in REQUIRED_SPLITS and _absent(Path(root), split)
+    ]
+
+
 def describe_dataset(root: str | os.PathLike) -> str:
     """A human summary for `noa-data info`: splits, grid, channels, scalars, stats, size."""
     root = Path(root)
@@ -84,6 +101,8 @@ def describe_dataset(root: str | os.PathLike) -> str:
                 f"  {split:6} {len(shards):4} shards {n_traj:6} trajectories  n_steps {n_steps}"
             )
         lines += [f"  {split:6} problem: {p}" for p in problems]
+        if not shards and not problems:
+            lines.append(f"  {split:6} absent (optional)")
     if reference is None:
         return "\n".join([f"dataset root {root}: no readable shard", *lines])
     header = [
@@ -100,14 +119,22 @@ def describe_dataset(root: str | os.PathLike) -> str:
 # --- reading and comparing shards ---------------------------------------------------------
 
 
+def _absent(root: Path, split: str) -> bool:
+    directory = split_dir(root, split)
+    return not directory.is_dir() or not list_shards(root, split)
+
+
 def _read_split(root: Path, split: str) -> tuple[list[ShardInfo], list[str]]:
-    """Readable shards of a split and the problems of the others (missing dir, empty, ...)."""
+    """Readable shards of a split and the problems of the others (missing dir, empty, ...);
+    an absent optional split has neither."""
+    if split not in REQUIRED_SPLITS and _absent(root, split):
+        return [], []
     try:
         paths = list_shards(root, split)
     except DataError as err:
         return [], [str(err)]
     if not paths:
-        return [], [f"{root / 'data' / split}: empty split, no .hdf5 shards"]
+        return [], [f"{split_dir(root, split)}: empty split, no .hdf5 shards"]
     shards, problems = [], []
     for path in paths:
         try:
@@ -119,7 +146,7 @@ def _read_split(root: Path, split: str) -> tuple[list[ShardInfo], list[str]]:
         if difference:
             problems.append(f"{other.path}: disagrees with {shards[0].path}: {difference}")
     if shards and sum(s.n_trajectories for s in shards) == 0:
-        problems.append(f"{root / 'data' / split}: empty split, its shards hold 0 trajectories")
+        problems.append(f"{split_dir(root, split)}: empty split, its shards hold 0 trajectories")
     return shards, problems
 
 
@@ -150,7 +177,7 @@ def _config_problems(root, shards_by_split, timesteps, n_channels, grid) -> list
     """The dataset against the training config: window length, grid, channel count."""
     problems = []
     for split, shards in shards_by_split.items():
-        where = root / "data" / split
+        where = split_dir(root, split)
         n_steps = min(s.n_steps for s in shards)
         if timesteps is not None and timesteps + 1 > n_steps:
             problems.append(
@@ -257,7 +284,7 @@ def _describe_scalar(ds: h5py.Dataset, spec) -> str:
 
 def _footer(root: Path) -> list[str]:
     stats = root / STATS_FILE
-    size = sum(p.stat().st_size for p in (root / "data").rglob("*") if p.is_file())
+    size = sum(p.stat().st_size for p in (root / DATA_DIR).rglob("*") if p.is_file())
     return [
         f"stats    {stats if stats.is_file() else 'MISSING: ' + str(stats)}",
         f"size     {size / 2**20:.1f} MiB on disk",
@@ -268,7 +295,8 @@ def summary_line(root: str | os.PathLike) -> str:
     """One line for `noa-data check` when nothing is wrong: splits, n_steps, grid, channels."""
     root = Path(root)
     shards_by_split = {split: _read_split(root, split)[0] for split in SPLITS}
-    first = next(shards[0] for shards in shards_by_split.values() if shards)
+    shards_by_split = {split: shards for split, shards in shards_by_split.items() if shards}
+    first = next(iter(shards_by_split.values()))[0]
     splits = ", ".join(
         f"{split} {len(shards)} shards/{sum(s.n_trajectories for s in shards)} trajectories"
         for split, shards in shards_by_split.items()

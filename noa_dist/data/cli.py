@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from noa_dist.data.check import check_dataset, describe_dataset, summary_line
+from noa_dist.data.check import check_dataset, dataset_notes, describe_dataset, summary_line
 from noa_dist.data.generate import FAMILIES, dataset_summary, generate_dataset
 from noa_dist.data.stats import write_stats
 from noa_dist.data.writer import COMPRESSIONS
@@ -103,7 +103,9 @@ def _add_stats_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def _add_check_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "check", help="list every problem of a Well dataset (exit 1 if any), optionally vs a config"
+        "check",
+        help="list every problem of a Well dataset (exit 1 if any; test split optional), "
+        "optionally vs a config",
     )
     p.add_argument("root", type=Path, help="dataset root (data/<split>/*.hdf5, stats.yaml)")
     p.add_argument("--timesteps", type=int, help="rollout length T to check n_steps against")
@@ -178,6 +180,8 @@ def _run_check(args: argparse.Namespace) -> None:
     )
     for problem in problems:
         print(problem)
+    for note in dataset_notes(args.root):
+        print(f"note: {note}")
     if problems:
         print(f"FAILED: {len(problems)} problem(s) in {args.root}", file=sys.stderr)
         sys.exit(1)

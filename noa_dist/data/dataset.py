@@ -23,13 +23,17 @@ import torch
 from torch.utils.data import Dataset
 
 from noa_dist.data.schema import (
+    MEAN,
     STATS_FILE,
+    STD,
     ChannelLayout,
     FieldSpec,
     channel_layout,
+    delta_key,
     load_stats,
     open_hdf5,
     read_split_info,
+    split_dir,
     stats_problems,
 )
 from noa_dist.errors import ConfigError, DataError
@@ -53,22 +57,25 @@ class ChannelNorm:
 def channel_norm(
     layout: ChannelLayout, stats: dict[str, Any], stats_path: str | os.PathLike
 ) -> ChannelNorm:
-    """Mean/std vectors for `layout`; a zero std (a constant field) is replaced by 1."""
+    """Mean/std vectors for `layout`; a zero std (a constant field) is replaced by 1.
+
+    Raises one DataError listing every gap (preflight.data_problems reports the same lines
+    before the process group starts; this is the check for callers outside training)."""
     problems = stats_problems(
         stats, layout.predicted_fields + layout.conditioning_fields, stats_path
     )
     if problems:
-        raise DataError(problems[0])
+        raise DataError("\n".join(problems))
 
     def vector(key: str, fields: tuple[FieldSpec, ...]) -> np.ndarray:
         parts = [_component_values(stats[key][f.name], f.n_components) for f in fields]
         return np.concatenate(parts).astype(np.float32) if parts else np.zeros(0, np.float32)
 
-    std_p, std_c = vector("std", layout.predicted_fields), vector("std", layout.conditioning_fields)
+    std_p, std_c = vector(STD, layout.predicted_fields), vector(STD, layout.conditioning_fields)
     return ChannelNorm(
-        mean_predicted=vector("mean", layout.predicted_fields),
+        mean_predicted=vector(MEAN, layout.predicted_fields),
         std_predicted=np.where(std_p == 0, 1, std_p).astype(np.float32),
-        mean_conditioning=vector("mean", layout.conditioning_fields),
+        mean_conditioning=vector(MEAN, layout.conditioning_fields),
         std_conditioning=np.where(std_c == 0, 1, std_c).astype(np.float32),
     )
 
@@ -76,11 +83,11 @@ def channel_norm(
 def delta_scale(layout: ChannelLayout, stats: dict[str, Any]) -> np.ndarray:
     """Per predicted channel: std of one-step differences / std of the field (both from
     stats.yaml), i.e. the typical normalised change per step; 1 where stats lack `std_delta`."""
-    parts = []
+    parts, std_delta_key = [], delta_key(STD)
     for f in layout.predicted_fields:
-        std = _component_values(stats["std"][f.name], f.n_components)
-        if "std_delta" in stats and f.name in stats["std_delta"]:
-            std_delta = _component_values(stats["std_delta"][f.name], f.n_components)
+        std = _component_values(stats[STD][f.name], f.n_components)
+        if std_delta_key in stats and f.name in stats[std_delta_key]:
+            std_delta = _component_values(stats[std_delta_key][f.name], f.n_components)
             parts.append(np.where(std > 0, std_delta / np.where(std > 0, std, 1), 1.0))
         else:
             parts.append(np.ones(f.n_components))
@@ -130,7 +137,7 @@ class WellWindowDataset(Dataset):
         self.info = read_split_info(root, split)  # opens each shard briefly, closes it again
         if timesteps >= self.info.n_steps:
             raise DataError(
-                f"{self.root / 'data' / split}: --timesteps {timesteps} needs {timesteps + 1} "
+                f"{split_dir(self.root, split)}: --timesteps {timesteps} needs {timesteps + 1} "
                 f"frames per window (u0 + targets) but the split stores n_steps="
                 f"{self.info.n_steps}; use --timesteps <= {self.info.n_steps - 1}"
             )
@@ -154,7 +161,7 @@ class WellWindowDataset(Dataset):
             return available
         if not 1 <= n_samples <= available:
             raise DataError(
-                f"{self.root / 'data' / self.split}: {n_samples} windows requested "
+                f"{split_dir(self.root, self.split)}: {n_samples} windows requested "
                 f"(--n-samples/--val-samples) but only {available} are available "
                 f"({self.info.n_trajectories} trajectories x {len(self.starts)} starts with "
                 f"--timesteps {self.timesteps}, stride {stride})"

@@ -21,28 +21,34 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import h5py
 import numpy as np
 from tqdm import tqdm
 
 from noa_dist.data import pde
+from noa_dist.data.schema import (
+    DATA_DIR,
+    N_TRAJECTORIES_ATTR,
+    SCALARS,
+    SHARD_SUFFIXES,
+    SPLITS,
+    STATS_FILE,
+    FieldSpec,
+    Grid,
+    field_spec,
+    list_shards,
+    open_hdf5,
+    split_dir,
+)
 from noa_dist.data.stats import write_stats
-from noa_dist.data.writer import COMPRESSIONS, FieldSpec, ShardLayout, ShardWriter, Trajectory
+from noa_dist.data.writer import COMPRESSIONS, ShardLayout, ShardWriter, Trajectory, grid_2d
 from noa_dist.errors import ConfigError, DataError
 
 FAMILIES = ("advection_diffusion", "allen_cahn", "navier_stokes")  # scalar `family` = index
-SPLITS = ("train", "valid", "test")
 DATASET_NAME = "noa_pde_mix"
 FRAME_DT = 0.25  # time between stored frames, all families
 NOISE_AMPLITUDE = 0.05  # white-noise amplitude when n_realizations > 1 (see pde.WhiteNoise)
 NS_DRAG = 0.1  # linear drag of Navier-Stokes, keeps the forced flow statistically bounded
 
-FIELDS = (
-    FieldSpec("u", order=0, time_varying=True),
-    FieldSpec("forcing", order=0, time_varying=False),
-    FieldSpec("diffusivity", order=0, time_varying=False),
-    FieldSpec("advection_velocity", order=1, time_varying=False),
-)
 SIMULATION_PARAMETERS = (
     "family",
     "diffusivity",
@@ -259,15 +265,26 @@ def plan_trajectories(settings: GeneratorSettings) -> dict[str, list[TrajectoryS
     return plan
 
 
+def demo_fields(grid: Grid) -> tuple[FieldSpec, ...]:
+    """The state `u` and the constant fields that condition it (see the module docstring)."""
+    return (
+        field_spec("u", 0, grid, time_varying=True),
+        field_spec("forcing", 0, grid, time_varying=False),
+        field_spec("diffusivity", 0, grid, time_varying=False),
+        field_spec("advection_velocity", 1, grid, time_varying=False),
+    )
+
+
 def build_layout(grid: int, timesteps: int, compression: str) -> ShardLayout:
     coords = pde.grid_coordinates(grid)
+    time = np.arange(timesteps + 1) * FRAME_DT
     return ShardLayout(
         dataset_name=DATASET_NAME,
-        fields=FIELDS,
+        fields=demo_fields(grid_2d(time, coords, coords)),
         scalar_names=SCALAR_NAMES,
         simulation_parameters=SIMULATION_PARAMETERS,
         integer_scalars=INTEGER_SCALARS,
-        time=np.arange(timesteps + 1) * FRAME_DT,
+        time=time,
         x=coords,
         y=coords,
         compression=compression,
@@ -280,7 +297,7 @@ def plan_shards(
     shards = []
     for split, specs in plan.items():
         for k, start in enumerate(range(0, len(specs), per_shard)):
-            path = root / "data" / split / f"{DATASET_NAME}_{split}_{k:03d}.hdf5"
+            path = split_dir(root, split) / f"{DATASET_NAME}_{split}_{k:03d}.hdf5"
             shards.append((path, specs[start : start + per_shard]))
     return shards
 
@@ -316,16 +333,16 @@ def _prepare_root(root: Path, overwrite: bool) -> None:
     """Refuse to mix with an existing dataset; with overwrite, delete only what we write."""
     if root.exists() and not root.is_dir():
         raise ConfigError(f"{root}: exists and is not a directory")
-    existing = [p for p in (root / "data", root / "stats.yaml") if p.exists()]
+    existing = [p for p in (root / DATA_DIR, root / STATS_FILE) if p.exists()]
     if existing and not overwrite:
         raise ConfigError(
             f"{root} already holds a dataset ({existing[0].name} exists); pass --overwrite to replace it"
         )
     for split in SPLITS:
-        split_dir = root / "data" / split
-        for shard in [*split_dir.glob("*.hdf5"), *split_dir.glob("*.h5"), *split_dir.glob("*.tmp")]:
-            shard.unlink()
-    (root / "stats.yaml").unlink(missing_ok=True)
+        for path in split_dir(root, split).glob("*"):
+            if path.suffix in (*SHARD_SUFFIXES, ".tmp"):
+                path.unlink()
+    (root / STATS_FILE).unlink(missing_ok=True)
     root.mkdir(parents=True, exist_ok=True)
 
 
@@ -368,7 +385,7 @@ def generate_dataset(
     root = Path(root)
     _prepare_root(root, overwrite)
     for split in SPLITS:
-        (root / "data" / split).mkdir(parents=True, exist_ok=True)
+        split_dir(root, split).mkdir(parents=True, exist_ok=True)
     shards = plan_shards(root, plan_trajectories(settings), trajectories_per_shard)
     _write_shards(shards, build_layout(grid, timesteps, compression), workers, progress)
     write_stats(root, split="train", overwrite=True, progress=progress)
@@ -379,11 +396,11 @@ def dataset_summary(root: str | Path) -> dict[str, dict[str, int]]:
     """Per split: number of shards, of trajectories, and of trajectories per family."""
     summary = {}
     for split in SPLITS:
-        shards = sorted((Path(root) / "data" / split).glob("*.hdf5"))
+        shards = list_shards(root, split)
         counts: Counter[str] = Counter()
         for path in shards:
-            with h5py.File(path, "r") as f:
-                counts["trajectories"] += int(f.attrs["n_trajectories"])
-                counts.update(FAMILIES[int(code)] for code in f["scalars/family"][:])
+            with open_hdf5(path) as f:
+                counts["trajectories"] += int(f.attrs[N_TRAJECTORIES_ATTR])
+                counts.update(FAMILIES[int(code)] for code in f[SCALARS]["family"][:])
         summary[split] = {"shards": len(shards), **counts}
     return summary

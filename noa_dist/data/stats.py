@@ -8,7 +8,8 @@ of the differences between consecutive frames; constant fields get no delta entr
 the Well's own stats files (its normalisers fall back to a floor value for them).
 
 Data is read one trajectory (or a window of frames) at a time into float64 accumulators
-combined with Chan et al.'s pairwise update, so a split never has to fit in memory.
+combined with Chan et al.'s pairwise update, so a split never has to fit in memory. Shards
+are listed and validated by schema.py, as for training, so a shard fails here as it would there.
 """
 
 from __future__ import annotations
@@ -21,6 +22,17 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
+from noa_dist.data.schema import (
+    MEAN,
+    RMS,
+    STATS_FILE,
+    STATS_KEYS,
+    STD,
+    FieldSpec,
+    delta_key,
+    open_hdf5,
+    read_split_shards,
+)
 from noa_dist.data.writer import write_stats_yaml
 from noa_dist.errors import ConfigError, DataError
 
@@ -53,42 +65,10 @@ class RunningMoments:
     def summary(self) -> dict[str, np.ndarray]:
         variance = self.m2 / max(self.count, 1)
         return {
-            "mean": self.mean,
-            "std": np.sqrt(variance),
-            "rms": np.sqrt(variance + self.mean**2),
+            MEAN: self.mean,
+            STD: np.sqrt(variance),
+            RMS: np.sqrt(variance + self.mean**2),
         }
-
-
-def split_files(root: Path, split: str) -> list[Path]:
-    """The sorted *.hdf5 / *.h5 shards of `<root>/data/<split>`, as the Well lists them."""
-    split_dir = Path(root) / "data" / split
-    if not split_dir.is_dir():
-        raise DataError(f"{split_dir}: split directory not found (expected <root>/data/{split}/)")
-    files = sorted([*split_dir.glob("*.hdf5"), *split_dir.glob("*.h5")])
-    if not files:
-        raise DataError(f"{split_dir}: no *.hdf5 or *.h5 shards in the split")
-    return files
-
-
-def _attr(obj: h5py.HLObject, key: str, path: Path) -> Any:
-    if key not in obj.attrs:
-        raise DataError(f"{path}: {obj.name} has no attribute {key!r}")
-    return obj.attrs[key]
-
-
-def _fields(f: h5py.File, path: Path) -> Iterator[tuple[int, str, h5py.Dataset]]:
-    """(tensor order, name, dataset) for every field listed in t0/t1/t2_fields."""
-    for order in range(3):
-        group_name = f"t{order}_fields"
-        if group_name not in f:
-            raise DataError(f"{path}: group {group_name!r} not found")
-        group = f[group_name]
-        for name in _attr(group, "field_names", path):
-            if name not in group:
-                raise DataError(
-                    f"{path}: field {group_name}/{name} is listed in field_names but missing"
-                )
-            yield order, str(name), group[name]
 
 
 def _frames_per_read(dset: h5py.Dataset, time_axis: int) -> int:
@@ -96,16 +76,14 @@ def _frames_per_read(dset: h5py.Dataset, time_axis: int) -> int:
     return max(1, READ_LIMIT_BYTES // max(frame_bytes, 1))
 
 
-def _pieces(dset: h5py.Dataset, path: Path) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+def _pieces(dset: h5py.Dataset, field: FieldSpec) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
     """(values, deltas or None) per trajectory and frame window; windows overlap by one frame
     so that every consecutive-frame difference is counted exactly once."""
-    sample_varying = bool(_attr(dset, "sample_varying", path))
-    time_varying = bool(_attr(dset, "time_varying", path))
     samples: list[tuple[int, ...]] = (
-        [(s,) for s in range(dset.shape[0])] if sample_varying else [()]
+        [(s,) for s in range(dset.shape[0])] if field.sample_varying else [()]
     )
     for sample in samples:
-        if not time_varying:
+        if not field.time_varying:
             yield dset[sample], None
             continue
         time_axis = len(sample)
@@ -117,41 +95,41 @@ def _pieces(dset: h5py.Dataset, path: Path) -> Iterator[tuple[np.ndarray, np.nda
             yield frames[: stop - start], np.diff(frames, axis=0)
 
 
-def _field_signature(f: h5py.File, path: Path) -> list[tuple[int, str, bool]]:
-    return [(o, n, bool(_attr(d, "time_varying", path))) for o, n, d in _fields(f, path)]
+def _accumulate(
+    dset: h5py.Dataset,
+    field: FieldSpec,
+    values: dict[str, RunningMoments],
+    deltas: dict[str, RunningMoments],
+) -> None:
+    """Fold every value of `dset`, and its one-step differences, into the field's moments."""
+    moments = values.setdefault(field.name, RunningMoments(field.component_shape))
+    for block, delta in _pieces(dset, field):
+        moments.update(block)
+        if delta is not None:
+            deltas.setdefault(field.name, RunningMoments(field.component_shape)).update(delta)
 
 
 def compute_stats(
     root: Path, split: str = "train", progress: bool = False
 ) -> dict[str, dict[str, Any]]:
     """The Well's stats dict {mean, std, rms, mean_delta, std_delta, rms_delta} for `split`."""
-    files = split_files(root, split)
+    shards = read_split_shards(root, split, same_n_steps=False)  # also checks fields agree
     values: dict[str, RunningMoments] = {}
     deltas: dict[str, RunningMoments] = {}
-    signature = None
-    for path in tqdm(files, desc=f"stats {split}", unit="shard", disable=not progress):
-        with h5py.File(path, "r") as f:
-            this_signature = _field_signature(f, path)
-            if signature is not None and this_signature != signature:
-                raise DataError(
-                    f"{path}: fields {this_signature} differ from the split's first shard {signature}"
-                )
-            signature = this_signature
-            for order, name, dset in _fields(f, path):
-                component_shape = tuple(dset.shape[dset.ndim - order :])
-                moments = values.setdefault(name, RunningMoments(component_shape))
-                for block, delta in _pieces(dset, path):
-                    moments.update(block)
-                    if delta is not None:
-                        deltas.setdefault(name, RunningMoments(component_shape)).update(delta)
-    stats: dict[str, dict[str, Any]] = {key: {} for key in ("mean", "std", "rms")}
-    stats.update({f"{key}_delta": {} for key in ("mean", "std", "rms")})
+    for shard in tqdm(shards, desc=f"stats {split}", unit="shard", disable=not progress):
+        with open_hdf5(shard.path) as f:
+            for field in shard.fields:
+                try:
+                    _accumulate(f[field.key], field, values, deltas)
+                except OSError as err:  # a damaged chunk: name the file and the field
+                    raise DataError(f"{shard.path}: {field.key}: unreadable: {err}") from None
+    stats: dict[str, dict[str, Any]] = {key: {} for key in STATS_KEYS}
     for name, moments in values.items():
         for key, value in moments.summary().items():
             stats[key][name] = value
     for name, moments in deltas.items():
         for key, value in moments.summary().items():
-            stats[f"{key}_delta"][name] = value
+            stats[delta_key(key)][name] = value
     return stats
 
 
@@ -164,7 +142,7 @@ def write_stats(
     progress: bool = False,
 ) -> Path:
     """Compute the stats of `split` and write them to `output` (default `<root>/stats.yaml`)."""
-    output = Path(output) if output is not None else Path(root) / "stats.yaml"
+    output = Path(output) if output is not None else Path(root) / STATS_FILE
     if output.exists() and not overwrite:
         raise ConfigError(f"{output} already exists; pass --overwrite to replace it")
     return write_stats_yaml(output, compute_stats(root, split, progress=progress))

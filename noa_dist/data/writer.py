@@ -31,25 +31,48 @@ import h5py
 import numpy as np
 import yaml
 
+from noa_dist.data.schema import (
+    BC_ASSOCIATED_DIMS_ATTR,
+    BC_ASSOCIATED_FIELDS_ATTR,
+    BC_MASK,
+    BC_TYPE_ATTR,
+    BOUNDARY_CONDITIONS,
+    CARTESIAN,
+    DATASET_NAME_ATTR,
+    DEFAULT_SPATIAL_DIMS,
+    DIM_VARYING_ATTR,
+    DIMENSIONS,
+    FIELD_GROUPS,
+    FIELD_NAMES_ATTR,
+    GRID_TYPE_ATTR,
+    N_SPATIAL_DIMS_ATTR,
+    N_TRAJECTORIES_ATTR,
+    PERIODIC,
+    SAMPLE_VARYING_ATTR,
+    SCALARS,
+    SIMULATION_PARAMETERS_ATTR,
+    SPATIAL_DIMS_ATTR,
+    TIME,
+    TIME_VARYING_ATTR,
+    FieldSpec,
+    Grid,
+    field_spec,
+)
 from noa_dist.errors import DataError
 
 CHUNK_LIMIT_BYTES = 32 * 2**20
 COMPRESSIONS = ("none", "lzf", "gzip")
-SPATIAL_DIMS = ("x", "y")
+SPATIAL_DIMS = DEFAULT_SPATIAL_DIMS[:2]  # this writer writes 2-D grids
 
 
-@dataclass(frozen=True)
-class FieldSpec:
-    """One field of the dataset: its tensor order (0 scalar, 1 vector, 2 tensor)."""
-
-    name: str
-    order: int
-    time_varying: bool
+def grid_2d(time: np.ndarray, x: np.ndarray, y: np.ndarray) -> Grid:
+    """The grid of shards with these coordinates, to build their fields with `field_spec`."""
+    return Grid(n_steps=len(time), spatial_dims=SPATIAL_DIMS, spatial_shape=(len(x), len(y)))
 
 
 @dataclass(frozen=True)
 class ShardLayout:
-    """Everything shared by all shards of one dataset."""
+    """Everything shared by all shards of one dataset; `fields` lie on the coordinates' grid."""
 
     dataset_name: str
     fields: tuple[FieldSpec, ...]
@@ -61,15 +84,25 @@ class ShardLayout:
     y: np.ndarray  # [N]
     compression: str = "none"
 
-    def field_shape(self, field: FieldSpec) -> tuple[int, ...]:
-        """Shape of one trajectory of `field` (without the leading trajectory axis)."""
-        time_axis = (len(self.time),) if field.time_varying else ()
-        return (*time_axis, len(self.x), len(self.y), *(len(SPATIAL_DIMS),) * field.order)
+    def __post_init__(self) -> None:
+        """A field built on another grid would be written with shapes the coordinates deny."""
+        grid = grid_2d(self.time, self.x, self.y)
+        for field in self.fields:
+            on_grid = field_spec(
+                field.name,
+                field.order,
+                grid,
+                time_varying=field.time_varying,
+                sample_varying=field.sample_varying,
+                dim_varying=field.dim_varying,
+            )
+            if field != on_grid or not field.sample_varying:
+                raise ValueError(f"{field.key}: {field} is not a per-trajectory field on {grid}")
 
 
 @dataclass(frozen=True)
 class Trajectory:
-    """One simulated trajectory: arrays shaped as `ShardLayout.field_shape`, scalar values."""
+    """One simulated trajectory: arrays shaped as their `FieldSpec.shape`, scalar values."""
 
     fields: dict[str, np.ndarray]
     scalars: dict[str, float]
@@ -135,78 +168,78 @@ class ShardWriter:
         assert self._file is not None
         for field in self.layout.fields:
             array = trajectory.fields.get(field.name)
-            expected = self.layout.field_shape(field)
-            if array is None or array.shape != expected:
+            if array is None or array.shape != field.shape:
                 got = None if array is None else array.shape
                 raise DataError(
-                    f"{self.path}: field {field.name!r} has shape {got}, expected {expected}"
+                    f"{self.path}: field {field.name!r} has shape {got}, expected {field.shape}"
                 )
-            self._file[f"t{field.order}_fields/{field.name}"][index] = array.astype(np.float32)
+            self._file[field.key][index] = array.astype(np.float32)
         for name in self.layout.scalar_names:
             if name not in trajectory.scalars:
                 raise DataError(f"{self.path}: trajectory {index} has no scalar {name!r}")
-            self._file[f"scalars/{name}"][index] = trajectory.scalars[name]
+            self._file[SCALARS][name][index] = trajectory.scalars[name]
         self._written.add(index)
 
     def _write_header(self, f: h5py.File) -> None:
-        f.attrs["dataset_name"] = self.layout.dataset_name
-        f.attrs["grid_type"] = "cartesian"
-        f.attrs["n_spatial_dims"] = len(SPATIAL_DIMS)
-        f.attrs["n_trajectories"] = self.n_trajectories
-        f.attrs["simulation_parameters"] = list(self.layout.simulation_parameters)
-        self._write_dimensions(f.create_group("dimensions"))
-        self._write_boundary_conditions(f.create_group("boundary_conditions"))
-        self._create_scalars(f.create_group("scalars"))
-        for order in range(3):
-            self._create_fields(f.create_group(f"t{order}_fields"), order)
+        f.attrs[DATASET_NAME_ATTR] = self.layout.dataset_name
+        f.attrs[GRID_TYPE_ATTR] = CARTESIAN
+        f.attrs[N_SPATIAL_DIMS_ATTR] = len(SPATIAL_DIMS)
+        f.attrs[N_TRAJECTORIES_ATTR] = self.n_trajectories
+        f.attrs[SIMULATION_PARAMETERS_ATTR] = list(self.layout.simulation_parameters)
+        self._write_dimensions(f.create_group(DIMENSIONS))
+        self._write_boundary_conditions(f.create_group(BOUNDARY_CONDITIONS))
+        self._create_scalars(f.create_group(SCALARS))
+        for group in FIELD_GROUPS:
+            self._create_fields(f.create_group(group))
 
     def _write_dimensions(self, group: h5py.Group) -> None:
-        group.attrs["spatial_dims"] = list(SPATIAL_DIMS)
-        arrays = {"time": self.layout.time, "x": self.layout.x, "y": self.layout.y}
+        group.attrs[SPATIAL_DIMS_ATTR] = list(SPATIAL_DIMS)
+        x_name, y_name = SPATIAL_DIMS
+        arrays = {TIME: self.layout.time, x_name: self.layout.x, y_name: self.layout.y}
         for name, values in arrays.items():
             dset = group.create_dataset(name, data=np.asarray(values, dtype=np.float32))
-            dset.attrs["sample_varying"] = False
-            dset.attrs["time_varying"] = name == "time"
+            dset.attrs[SAMPLE_VARYING_ATTR] = False
+            dset.attrs[TIME_VARYING_ATTR] = name == TIME
 
     def _write_boundary_conditions(self, group: h5py.Group) -> None:
         for dim, coords in zip(SPATIAL_DIMS, (self.layout.x, self.layout.y), strict=True):
             bc = group.create_group(f"{dim}_periodic")
-            bc.attrs["associated_dims"] = [dim]
-            bc.attrs["associated_fields"] = []
-            bc.attrs["bc_type"] = "PERIODIC"
-            bc.attrs["sample_varying"] = False
-            bc.attrs["time_varying"] = False
+            bc.attrs[BC_ASSOCIATED_DIMS_ATTR] = [dim]
+            bc.attrs[BC_ASSOCIATED_FIELDS_ATTR] = []
+            bc.attrs[BC_TYPE_ATTR] = PERIODIC
+            bc.attrs[SAMPLE_VARYING_ATTR] = False
+            bc.attrs[TIME_VARYING_ATTR] = False
             mask = np.zeros(len(coords), dtype=bool)
             mask[[0, -1]] = True  # the boundary sits at both ends of the axis
-            bc.create_dataset("mask", data=mask)
+            bc.create_dataset(BC_MASK, data=mask)
 
     def _create_scalars(self, group: h5py.Group) -> None:
-        group.attrs["field_names"] = list(self.layout.scalar_names)
+        group.attrs[FIELD_NAMES_ATTR] = list(self.layout.scalar_names)
         for name in self.layout.scalar_names:
             dtype = np.int64 if name in self.layout.integer_scalars else np.float32
             dset = group.create_dataset(name, shape=(self.n_trajectories,), dtype=dtype)
-            dset.attrs["sample_varying"] = True
-            dset.attrs["time_varying"] = False
+            dset.attrs[SAMPLE_VARYING_ATTR] = True
+            dset.attrs[TIME_VARYING_ATTR] = False
 
-    def _create_fields(self, group: h5py.Group, order: int) -> None:
-        fields = [f for f in self.layout.fields if f.order == order]
-        group.attrs["field_names"] = [f.name for f in fields]
+    def _create_fields(self, group: h5py.Group) -> None:
+        """The group's datasets, one trajectory per row (every field varies across samples)."""
+        fields = [f for f in self.layout.fields if f.group == group.name.strip("/")]
+        group.attrs[FIELD_NAMES_ATTR] = [f.name for f in fields]
         for field in fields:
-            shape = self.layout.field_shape(field)
             dset = group.create_dataset(
                 field.name,
-                shape=(self.n_trajectories, *shape),
+                shape=(self.n_trajectories, *field.shape),
                 dtype=np.float32,
-                chunks=chunk_shape(shape, field.time_varying),
+                chunks=chunk_shape(field.shape, field.time_varying),
                 **_compression_kwargs(self.layout.compression),
             )
-            dset.attrs["dim_varying"] = [True] * len(SPATIAL_DIMS)
-            dset.attrs["sample_varying"] = True
-            dset.attrs["time_varying"] = field.time_varying
+            dset.attrs[DIM_VARYING_ATTR] = list(field.dim_varying)
+            dset.attrs[SAMPLE_VARYING_ATTR] = field.sample_varying
+            dset.attrs[TIME_VARYING_ATTR] = field.time_varying
 
     def _write_parameter_attrs(self, f: h5py.File) -> None:
         for name in self.layout.simulation_parameters:
-            f.attrs[name] = f[f"scalars/{name}"][:]
+            f.attrs[name] = f[SCALARS][name][:]
 
 
 def _to_builtin(value: Any) -> Any:
