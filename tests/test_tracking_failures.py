@@ -59,8 +59,17 @@ def _alive(pid: int) -> bool:
     return text[text.rindex(")") + 2] != "Z"
 
 
-def _train_through_sigterm(out: Path, *, signal_service: bool) -> dict:
-    """Log steps 1-3, take SIGTERM like the trainer (a flag), log 4-6 and a figure, finish."""
+def _wait_for(condition, seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and not condition():
+        time.sleep(0.05)
+
+
+def _train_through_sigterm(out: Path, *, signal_service: bool, spawn_ignoring: bool) -> dict:
+    """Log steps 1-3, take SIGTERM like the trainer (a flag), log 4-6 and a figure, finish.
+
+    `spawn_ignoring`: start the run (and so wandb-core) with the job's signals set to SIG_IGN,
+    which a child inherits across fork+exec, then restore the handlers."""
     from accelerate import Accelerator
 
     from noa_dist import plots
@@ -68,10 +77,14 @@ def _train_through_sigterm(out: Path, *, signal_service: bool) -> dict:
     stop: list[int] = []
     signal.signal(signal.SIGTERM, lambda signum, _frame: stop.append(signum))
     acc = Accelerator(cpu=True, log_with=tracking.log_with("offline"))
+    job_signals = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in job_signals if spawn_ignoring}
     run_id = tracking.start_run(
         acc, project="noa-test", run_name="sigterm", run_dir=out / "run",
         config={"lr": 1e-3}, mode="offline",
     )  # fmt: skip
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
     for step in (1, 2, 3):
         tracking.log_metrics(acc, {"train/loss": 1.0 / step}, step=step)
     if signal_service:  # let wandb-core write steps 1-2 (step 3's row is still open)
@@ -81,11 +94,7 @@ def _train_through_sigterm(out: Path, *, signal_service: bool) -> dict:
     if signal_service:  # SLURM signals every process of the step, not one process group
         for pid in services:
             os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and not (
-        stop and not (signal_service and any(map(_alive, services)))
-    ):
-        time.sleep(0.05)
+    _wait_for(lambda: stop and not (signal_service and any(map(_alive, services))))
     alive_after_signal = [pid for pid in services if _alive(pid)]
     for step in (4, 5, 6):
         tracking.log_metrics(acc, {"train/loss": 1.0 / step}, step=step)
@@ -120,8 +129,15 @@ def _scenario_unreachable_server(out: Path) -> dict:
 
 
 SCENARIOS = {
-    "sigterm_group": lambda out: _train_through_sigterm(out, signal_service=False),
-    "sigterm_job": lambda out: _train_through_sigterm(out, signal_service=True),
+    "sigterm_group": lambda out: _train_through_sigterm(
+        out, signal_service=False, spawn_ignoring=False
+    ),
+    "sigterm_job": lambda out: _train_through_sigterm(
+        out, signal_service=True, spawn_ignoring=False
+    ),
+    "sigterm_job_spawned_ignoring": lambda out: _train_through_sigterm(
+        out, signal_service=True, spawn_ignoring=True
+    ),
     "unreachable_server": _scenario_unreachable_server,
 }
 
@@ -158,8 +174,10 @@ def test_sigterm_to_the_process_group_spares_the_service_and_every_step_is_logge
     assert result["location"] == str(segment)
 
 
-def test_sigterm_to_the_whole_job_kills_the_service_but_not_training(tmp_path):
-    proc, result = _run_scenario("sigterm_job", tmp_path)
+@pytest.mark.parametrize("scenario", ["sigterm_job", "sigterm_job_spawned_ignoring"])
+def test_sigterm_to_the_whole_job_kills_the_service_but_not_training(scenario, tmp_path):
+    """Also with SIGTERM ignored when wandb-core was spawned: Go's signal.Notify re-enables it."""
+    proc, result = _run_scenario(scenario, tmp_path)
     assert result["signals"] == [signal.SIGTERM]
     assert result["services"] and result["alive_after_signal"] == []  # no way to keep it
     (warning,) = _warnings(proc.stderr)
