@@ -13,9 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from matplotlib.figure import Figure
 
-_EPS = 1e-7  # The Well's VRMSE epsilon (the_well/benchmark/metrics/spatial.py)
+from noa_dist.metrics import vrmse
+
+_EPS = 1e-7  # smallest half-range of the error colour scale (an exact prediction is all 0)
 _PANEL_INCHES = 2.3
 
 
@@ -26,10 +29,10 @@ def _as_numpy(x: Any) -> np.ndarray:
     return np.asarray(x, dtype=np.float32)
 
 
-def frame_vrmse(truth_HW: np.ndarray, pred_HW: np.ndarray) -> float:
-    """sqrt(MSE / spatial variance of the truth): 1.0 equals predicting the spatial mean."""
-    mse = float(np.mean((pred_HW - truth_HW) ** 2))
-    return float(np.sqrt(mse / (float(np.var(truth_HW)) + _EPS)))
+def frames_vrmse(truth_SHW: np.ndarray, pred_SHW: np.ndarray) -> np.ndarray:
+    """VRMSE of each frame, [S, H, W] -> [S], by `metrics.vrmse` (The Well's definition), so
+    the numbers on a figure are the numbers validation logs and evaluation reports."""
+    return vrmse(torch.from_numpy(pred_SHW), torch.from_numpy(truth_SHW)).numpy()
 
 
 def default_steps(num_steps: int) -> tuple[int, ...]:
@@ -48,7 +51,7 @@ def rollout_figure(
 
     Truth and prediction share one colour scale (the truth's range, so a diverging
     prediction saturates instead of washing out the truth); the error row uses a symmetric
-    diverging scale. Each prediction panel is titled with its frame VRMSE.
+    diverging scale. Each prediction panel is titled with its frame VRMSE (`frames_vrmse`).
     """
     truth_TCHW, pred_TCHW = _as_numpy(truth_TCHW), _as_numpy(pred_TCHW)
     _check_rollout(truth_TCHW, pred_TCHW, channel)
@@ -57,6 +60,7 @@ def rollout_figure(
     truth_SHW = truth_TCHW[[s - 1 for s in steps], channel]
     pred_SHW = pred_TCHW[[s - 1 for s in steps], channel]
     error_SHW = pred_SHW - truth_SHW
+    vrmse_S = frames_vrmse(truth_SHW, pred_SHW)
     fig = Figure(
         figsize=(_PANEL_INCHES * len(steps) + 1.2, _PANEL_INCHES * 3 + 0.5), layout="constrained"
     )
@@ -75,7 +79,7 @@ def rollout_figure(
         axes[r, 0].set_ylabel(label)
     for c, step in enumerate(steps):
         axes[0, c].set_title(f"step {step}")
-        axes[1, c].set_title(f"step {step}  VRMSE {frame_vrmse(truth_SHW[c], pred_SHW[c]):.3f}")
+        axes[1, c].set_title(f"step {step}  VRMSE {vrmse_S[c]:.3f}")
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])

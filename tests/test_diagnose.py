@@ -18,8 +18,13 @@ from trainrun import REPO
 from noa_dist import diagnose
 from noa_dist.config import Config
 from noa_dist.data.dataset import WellWindowDataset
-from noa_dist.diagnose_probe import run_probe
-from noa_dist.diagnose_verdict import verdict, with_flags
+from noa_dist.diagnose.cli import build_parser
+from noa_dist.diagnose.cli import diagnose as run_diagnosis
+from noa_dist.diagnose.commands import with_flags
+from noa_dist.diagnose.inputs import config_check
+from noa_dist.diagnose.probe import run_probe
+from noa_dist.diagnose.result import Diagnosis, Settings
+from noa_dist.diagnose.verdict import verdict
 from noa_dist.export import export_checkpoint, load_exported
 from noa_dist.losses import trajectory_mse
 
@@ -186,16 +191,27 @@ def test_diverging_forward_names_every_nonfinite_parameter_and_recommends_a_lowe
     assert "--lr 0.0001" in text.split("Recommended fix")[1]
 
 
-def test_long_rollout_without_window_is_a_risky_config_fixed_by_window_32(trained_run, capsys):
-    _, result = run_json(["--checkpoint", str(trained_run / "best")], capsys)
-    settings = diagnose.Settings(
+def test_long_rollout_without_window_is_a_risky_config_fixed_by_window_32(trained_run):
+    measured = run_diagnosis(build_parser().parse_args(["--checkpoint", str(trained_run / "best")]))
+    settings = Settings(
         timesteps=256, bptt_window=None, tbptt_mode="last", batch_size=2, n_samples=4
     )
-    result["settings"] = dataclasses.asdict(settings)
-    result["config_check"] = diagnose.config_check(settings, Config())
-    found = verdict(result)
-    assert found["status"] == "risky_config" and not found["healthy"]
-    assert found["fixes"][0]["command"].endswith("--bptt-window 32")
+    findings = dataclasses.replace(
+        measured.findings, settings=settings, config_check=config_check(settings, Config())
+    )
+    found = verdict(findings)
+    assert found.status == "risky_config" and not found.healthy
+    assert found.fixes[0].command.endswith("--bptt-window 32")
+
+
+def test_json_is_the_typed_diagnosis(trained_run, capsys):
+    """diagnose() returns typed results; --json prints exactly Diagnosis.to_dict()."""
+    argv = ["--checkpoint", str(trained_run / "best"), "--n-samples", "2"]
+    typed = run_diagnosis(build_parser().parse_args(argv))
+    assert isinstance(typed, Diagnosis) and typed.exit_code == 0
+    assert isinstance(typed.findings.chain.depths[0].grad_norm, float)
+    _, printed = run_json(argv, capsys)
+    assert printed == typed.to_dict()  # all finite here: no "nan" strings to map back
 
 
 def test_probe_state_gradients_equal_autograd_through_a_plain_rollout(trained_run):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from noa_dist import plots
+from noa_dist import metrics, plots
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -34,11 +34,21 @@ def test_default_steps_are_first_quarter_half_last_without_duplicates():
     assert plots.default_steps(1) == (1,)
 
 
-def test_frame_vrmse_is_zero_for_truth_and_one_for_the_spatial_mean():
-    truth_HW = np.random.default_rng(0).standard_normal((32, 32)).astype(np.float32)
-    assert plots.frame_vrmse(truth_HW, truth_HW) == 0.0
-    mean_HW = np.full_like(truth_HW, truth_HW.mean())
-    assert plots.frame_vrmse(truth_HW, mean_HW) == pytest.approx(1.0, rel=1e-4)
+def test_frame_vrmse_is_zero_for_truth_and_about_one_for_the_spatial_mean():
+    """metrics.vrmse divides by the unbiased variance: the mean scores sqrt((N - 1) / N)."""
+    truth_SHW = np.random.default_rng(0).standard_normal((1, 32, 32)).astype(np.float32)
+    assert plots.frames_vrmse(truth_SHW, truth_SHW).tolist() == [0.0]
+    mean_SHW = np.full_like(truth_SHW, truth_SHW.mean())
+    assert plots.frames_vrmse(truth_SHW, mean_SHW)[0] == pytest.approx((1023 / 1024) ** 0.5)
+
+
+def test_rollout_figure_titles_show_metrics_vrmse_of_each_frame():
+    """One VRMSE: a 4x4 grid makes the biased and unbiased variances differ at 3 decimals."""
+    truth_TCHW, pred_TCHW = _rollout(T=8, C=2, H=4, W=4)
+    fig = plots.rollout_figure(truth_TCHW, pred_TCHW, steps=(1, 4, 8), channel=1)
+    titles = [ax.get_title() for ax in _images(fig)[3:6]]  # the prediction row
+    expected_T = metrics.vrmse(pred_TCHW[:, 1], truth_TCHW[:, 1])
+    assert titles == [f"step {s}  VRMSE {float(expected_T[s - 1]):.3f}" for s in (1, 4, 8)]
 
 
 def test_rollout_figure_has_truth_prediction_error_rows_at_requested_steps():
@@ -54,8 +64,8 @@ def test_rollout_figure_has_truth_prediction_error_rows_at_requested_steps():
     ]
     titles = [ax.get_title() for ax in panels[4:8]]
     assert [int(re.match(r"step (\d+)", t).group(1)) for t in titles] == [1, 3, 6, 12]
-    expected = plots.frame_vrmse(truth_TCHW[11, 1].numpy(), pred_TCHW[11, 1].numpy())
-    assert titles[-1].endswith(f"VRMSE {expected:.3f}")
+    expected = metrics.vrmse(pred_TCHW[11, 1], truth_TCHW[11, 1])
+    assert titles[-1].endswith(f"VRMSE {float(expected):.3f}")
     assert fig.get_suptitle() == "demo"
 
 

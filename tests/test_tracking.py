@@ -2,7 +2,8 @@
 
 The W&B scenarios run in a child process (`python tests/test_tracking.py <scenario> <dir>`)
 so wandb's and accelerate's process-global state never leaks into other tests; the run
-files they leave behind are then read with `noa_dist.wandb_offline`.
+files they leave behind are then read with wandb's own reader (`wandb_read.py`, built on
+`wandb leet inspect --json`).
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import wandb_read
 
-from noa_dist import tracking, wandb_offline
+from noa_dist import tracking
 from noa_dist.errors import ConfigError, DataError
 
 LONG_TEXT = "x" * 70_000  # a config record spanning three 32 KiB log blocks
@@ -33,7 +35,8 @@ _WANDB_ENV = (
 
 
 def _scenario_offline_then_resume(out: Path) -> dict:
-    """Segment 1 logs steps 0/10/20 + a figure; segment 2 resumes the id and logs 30/40."""
+    """Segment 1 logs steps 0/10/20 + a figure; segment 2 resumes the id at step 20 and logs
+    30/40 (offline, resume_step does not rewind: see tracking.start_run)."""
     from accelerate import Accelerator
 
     from noa_dist import plots
@@ -59,7 +62,9 @@ def _scenario_offline_then_resume(out: Path) -> dict:
     tracking.finish(acc)  # idempotent
 
     resumed = Accelerator(log_with=tracking.log_with("offline"), cpu=True)
-    resumed_id = tracking.start_run(resumed, run_name="segment-2", resume_run_id=run_id, **kwargs)
+    resumed_id = tracking.start_run(
+        resumed, run_name="segment-2", resume_run_id=run_id, resume_step=20, **kwargs
+    )
     for step in (30, 40):
         tracking.log_metrics(resumed, {"train/loss": 1.0 / (step + 1)}, step=step)
     tracking.finish(resumed)
@@ -159,13 +164,13 @@ def single_process(tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def offline(single_process) -> dict:
     out = single_process["out"] / "offline"
-    segments = wandb_offline.find_offline_runs(out / "run")
+    segments = wandb_read.find_offline_runs(out / "run")
     return {
         "out": out,
         "env_wandb_dir": single_process["out"] / "env_wandb_dir",
         "result": single_process["offline"],
         "segments": segments,
-        "runs": [wandb_offline.read_run(s) for s in segments],
+        "runs": [wandb_read.read_run(s) for s in segments],
     }
 
 
@@ -280,6 +285,7 @@ def test_resume_continues_the_same_run_id_in_a_new_segment(offline):
     assert second.run_id == offline["result"]["run_id"]
     assert second.series("train/loss")[0] == [30, 40]
     assert second.config["model"] == {"width": 32}
+    assert second.branch_point is None  # offline never rewinds (wandb sync would apply it)
 
 
 def test_corrupted_run_file_is_reported_with_its_path(offline, tmp_path):
@@ -287,27 +293,27 @@ def test_corrupted_run_file_is_reported_with_its_path(offline, tmp_path):
     data = bytearray(offline["runs"][0].path.read_bytes())
     data[200] ^= 0xFF
     broken.write_bytes(bytes(data))
-    with pytest.raises(DataError, match="run-broken.wandb: corrupt chunk"):
-        wandb_offline.read_run(broken)
+    with pytest.raises(DataError, match=r"run-broken.wandb: .*corrupt data"):
+        wandb_read.read_run(broken)
 
 
 def test_torn_run_file_reads_up_to_the_tear(offline, tmp_path):
     torn = tmp_path / "run-torn.wandb"
     data = offline["runs"][0].path.read_bytes()
     torn.write_bytes(data[: len(data) - 50])
-    run = wandb_offline.read_run(torn)
+    run = wandb_read.read_run(torn)
     assert not run.finished
     assert run.config["lr"] == 1e-3
 
 
 def test_non_wandb_files_and_folders_are_rejected(tmp_path):
     (tmp_path / "run-x.wandb").write_bytes(b"PK\x03\x04not a wandb log")
-    with pytest.raises(DataError, match="not an offline W&B run file"):
-        wandb_offline.read_run(tmp_path / "run-x.wandb")
+    with pytest.raises(DataError, match="run-x.wandb: wandb leet inspect failed: .*bad header"):
+        wandb_read.read_run(tmp_path / "run-x.wandb")
     with pytest.raises(DataError, match="expected exactly one run-<id>.wandb"):
-        wandb_offline.read_run(tmp_path / "nothing-here")
+        wandb_read.read_run(tmp_path / "nothing-here")
     with pytest.raises(DataError, match="not a directory"):
-        wandb_offline.find_offline_runs(tmp_path / "missing")
+        wandb_read.find_offline_runs(tmp_path / "missing")
 
 
 def test_segments_started_within_one_second_sort_by_wandb_copy_number(tmp_path):
@@ -315,7 +321,7 @@ def test_segments_started_within_one_second_sort_by_wandb_copy_number(tmp_path):
              "offline-run-20260101_115959-abc", "offline-run-20260101_120000-abc"]  # fmt: skip
     for name in names:
         (tmp_path / "wandb" / name).mkdir(parents=True)
-    found = [p.name for p in wandb_offline.find_offline_runs(tmp_path)]
+    found = [p.name for p in wandb_read.find_offline_runs(tmp_path)]
     assert found == [names[2], names[3], names[1], names[0]]
 
 
@@ -342,8 +348,8 @@ def test_only_the_main_process_starts_and_writes_the_run(tmp_path):
     assert [r["world"] for r in results] == [2, 2]
     assert results[0]["run_id"] and results[1]["run_id"] is None
     assert results[1]["location"] is None
-    (segment,) = wandb_offline.find_offline_runs(tmp_path / "run")
-    run = wandb_offline.read_run(segment)
+    (segment,) = wandb_read.find_offline_runs(tmp_path / "run")
+    run = wandb_read.read_run(segment)
     assert run.run_id == results[0]["run_id"]
     assert run.series("train/loss") == ([3], [0.5])  # rank 0's value only
 

@@ -17,8 +17,7 @@ from trainrun import (
     rank_results,
     train_flags,
 )
-
-from noa_dist.wandb_offline import find_offline_runs, read_run
+from wandb_read import find_offline_runs, read_run
 
 TRAIN = REPO / "noa_dist" / "train.py"
 pytestmark = pytest.mark.timeout(600)

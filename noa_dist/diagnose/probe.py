@@ -1,4 +1,5 @@
-"""The measurements behind `noa-diagnose`: one training-like forward/backward on a few samples.
+"""The measurements behind `noa-diagnose`: one training-like forward/backward on a few samples,
+and their summaries as typed findings (`forward_summary`, `gradient_summary`, `chain_summary`).
 
 The rollout runs through `rollout.iter_windows` exactly as training does (same window, same
 mode, same loss weights), with a recording step function in between that
@@ -20,12 +21,22 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from noa_dist.data.dataset import WellWindowDataset
+from noa_dist.diagnose.result import (
+    ChainSummary,
+    DepthRow,
+    ForwardSummary,
+    GradientSummary,
+    ParamNorm,
+    Settings,
+    StepStats,
+)
 from noa_dist.losses import trajectory_mse
 from noa_dist.models.uafno import StepOutput
 from noa_dist.rollout import iter_windows, window_loss_weight
@@ -221,3 +232,74 @@ def ratio(value: float, base: float) -> float:
     if base == 0:
         return 1.0 if value == 0 else math.inf
     return value / base
+
+
+# ---------------------------------------------------------------- summaries
+
+
+def forward_summary(probe: ProbeResult) -> ForwardSummary:
+    """Per-step statistics of predictions and targets, and where non-finite values start."""
+    steps = [StepStats(t, **st.summary()) for t, st in enumerate(probe.pred, start=1)]
+    target = [StepStats(t, **st.summary()) for t, st in enumerate(probe.target, start=1)]
+    first = next((row.step for row in steps if row.nonfinite), None)
+    return ForwardSummary(steps, target, sum(row.nonfinite for row in steps), first)
+
+
+def gradient_summary(probe: ProbeResult) -> GradientSummary:
+    """Norm percentiles over the parameters (nearest rank, so each is one parameter's norm)."""
+    norms = np.array(list(probe.grad_norms.values()), dtype=np.float64)
+    q = {
+        k: float(np.percentile(norms, p, method="nearest")) if norms.size else math.nan
+        for k, p in (("min", 0), ("p50", 50), ("p90", 90), ("p99", 99), ("max", 100))
+    }
+    largest = sorted(probe.grad_norms.items(), key=lambda kv: -kv[1])[:5]
+    return GradientSummary(
+        n_params=len(probe.grad_norms) + len(probe.no_grad_params),
+        n_nonfinite=len(probe.nonfinite_params),
+        nonfinite_params=probe.nonfinite_params,
+        no_grad_params=probe.no_grad_params,
+        total_norm=float(np.sqrt(np.square(norms).sum())),
+        norm_min=q["min"],
+        norm_p50=q["p50"],
+        norm_p90=q["p90"],
+        norm_p99=q["p99"],
+        norm_max=q["max"],
+        largest=[ParamNorm(name, norm) for name, norm in largest],
+    )
+
+
+def chain_summary(probe: ProbeResult, s: Settings) -> ChainSummary:
+    """Gradient growth by depth; the per-step growth extrapolated to full BPTT over T steps."""
+    single = s.tbptt_mode == "last" or s.bptt_window is None or s.bptt_window >= s.timesteps
+    rows, previous_gain = [], None
+    for row in probe.depth.rows():
+        gain = row["chain_gain"]
+        rows.append(
+            DepthRow(
+                depth=row["depth"],
+                grad_norm=row["grad_norm"],
+                chain_gain=gain,
+                state_step=s.timesteps - row["depth"] if single else None,
+                growth=None if previous_gain is None else ratio(gain, previous_gain),
+            )
+        )
+        previous_gain = gain
+    window = rows[-1].depth if rows else 0
+    amplification = rows[-1].chain_gain if rows else math.nan
+    per_step = _power(amplification, 1 / window) if window else math.nan
+    return ChainSummary(
+        window=window,
+        depths=rows,
+        amplification=amplification,
+        growth_per_step=per_step,
+        extrapolated_steps=s.timesteps,
+        extrapolated_amplification=_power(per_step, s.timesteps),
+    )
+
+
+def _power(base: float, exponent: float) -> float:
+    """base ** exponent for base >= 0 that saturates at inf instead of raising OverflowError."""
+    if not math.isfinite(base) or base <= 0:
+        return base if base != 0 else 0.0
+    log = exponent * math.log(base)
+    return math.inf if log > 700 else math.exp(log)
