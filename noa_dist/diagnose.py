@@ -48,19 +48,19 @@ import numpy as np
 import torch
 
 from noa_dist import checkpoint, diagnose_report, diagnose_verdict
-from noa_dist.config import Config
-from noa_dist.data.dataset import WellWindowDataset
-from noa_dist.diagnose_probe import ProbeResult, ratio, run_probe
-from noa_dist.errors import ConfigError, NoaError
-from noa_dist.models.build import build_model
-from noa_dist.rollout import FULL_BPTT_WARN_ABOVE, bptt_warning, validate_bptt
-from noa_dist.weights import (
+from noa_dist.checkpoint import (
     checkpoint_kind,
     config_from_dict,
     load_weights,
     read_trainer_state,
     step_folder,
 )
+from noa_dist.config import Config
+from noa_dist.data.dataset import WellWindowDataset
+from noa_dist.diagnose_probe import ProbeResult, ratio, run_probe
+from noa_dist.errors import ConfigError, NoaError
+from noa_dist.models.build import build_model
+from noa_dist.rollout import FULL_BPTT_WARN_ABOVE, bptt_warning, validate_bptt
 
 TRAIN_LAUNCH = ["accelerate", "launch", "noa_dist/train.py"]
 

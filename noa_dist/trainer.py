@@ -18,6 +18,7 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from noa_dist import checkpoint, distributed, plots, report, tracking
+from noa_dist.checkpoint import load_weights
 from noa_dist.config import Config, parse_nan_injection
 from noa_dist.data.dataset import WellWindowDataset, delta_scale
 from noa_dist.data.sampler import DistributedBatchSampler, ShardedEvalSampler
@@ -29,7 +30,6 @@ from noa_dist.schedule import build_scheduler
 from noa_dist.state import TrainState
 from noa_dist.step import Update, apply_update, describe_skip, forward_backward
 from noa_dist.stop import StopRequest
-from noa_dist.weights import load_weights
 
 
 class TrainingAborted(NoaError):

@@ -18,10 +18,10 @@ import torch
 from safetensors.torch import load_file
 from trainrun import REPO, env_for_test, launch, make_tiny_dataset, train_flags, zero_launch
 
+from noa_dist.checkpoint import checkpoint_kind, config_from_dict, load_weights
 from noa_dist.config import Config
 from noa_dist.errors import ConfigError, DataError
 from noa_dist.export import export_checkpoint, load_exported, main
-from noa_dist.weights import checkpoint_kind, config_from_dict, load_weights
 
 
 def train_tiny_run(base: Path) -> Path:

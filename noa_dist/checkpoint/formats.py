@@ -1,13 +1,17 @@
-"""Model weights and their config from any of noa-dist's checkpoint formats, without a launcher.
+"""The readers: model weights, config and trainer state from any noa-dist format, no launcher.
 
 Accepted paths (`checkpoint_kind` names them):
   "step"    a step checkpoint folder `step-XXXXXXXX/` saved under DDP or one process
             (`model.safetensors` + `trainer_state.json` + `COMPLETE`);
-  "zero"    a step checkpoint folder saved under DeepSpeed ZeRO (`pytorch_model/` shards,
-            consolidated to fp32 on the fly; needs deepspeed, imported only here);
+  "zero"    a step checkpoint folder saved under DeepSpeed ZeRO-1/2/3, or its tag subfolder
+            (`pytorch_model/` with `mp_rank_00_model_states.pt` under ZeRO-1/2, one
+            `zero_pp_rank_<r>_mp_rank_00_model_states.pt` per rank under ZeRO-3), consolidated
+            to fp32 with DeepSpeed's zero_to_fp32 (deepspeed is imported only then);
   "best"    an exported weights folder such as `<run>/best/` (`model.safetensors` + `meta.json`);
   "export"  a `.pt` file written by `noa-export` ({"model", "config", "source"}).
 Everything returns canonical (unwrapped) keys as saved: prefixes are never patched on load.
+Folders are verified against their COMPLETE marker before anything is read (manifest.py).
+This module holds the project's one trainer_state.json reader and one safetensors loader.
 """
 
 from __future__ import annotations
@@ -22,7 +26,10 @@ from typing import Any
 
 import torch
 
-from noa_dist import checkpoint
+from noa_dist.checkpoint import manifest
+from noa_dist.checkpoint.layout import META, TRAINER_STATE, WEIGHTS
+from noa_dist.checkpoint.lookup import latest_checkpoint, verify_checkpoint
+from noa_dist.checkpoint.trainer_state import loads_state
 from noa_dist.config import SECTIONS, Config
 from noa_dist.errors import ConfigError, DataError
 
@@ -33,7 +40,9 @@ EXPECTED = (
     "a step-XXXXXXXX checkpoint folder, a best/ weights folder (model.safetensors + meta.json) "
     "or a .pt file written by noa-export"
 )
-ZERO_MODEL_STATES = "mp_rank_00_model_states.pt"  # written by every DeepSpeed engine checkpoint
+# DeepSpeed's model-states files in a tag folder: `mp_rank_00_model_states.pt` (ZeRO-1/2) or
+# `zero_pp_rank_<r>_mp_rank_00_model_states.pt` per rank (ZeRO-3); zero_to_fp32 globs the same.
+ZERO_MODEL_STATES = "*_model_states.pt"
 
 
 def load_weights(path: str | os.PathLike) -> tuple[StateDict, dict[str, Any] | None]:
@@ -44,13 +53,13 @@ def load_weights(path: str | os.PathLike) -> tuple[StateDict, dict[str, Any] | N
     if kind == "export":
         return _load_export(path)
     if kind == "best":
-        state_dict, meta = checkpoint.load_model_weights(path)
+        state_dict, meta = load_model_weights(path)
         return state_dict, meta.get("config")
     folder, tag = _step_folder_and_tag(path)
     config = read_trainer_state(folder).get("config")
     if kind == "zero":
         return _consolidate_zero(folder, tag), config
-    return _load_safetensors(folder / checkpoint.WEIGHTS), config
+    return load_safetensors(folder / WEIGHTS), config
 
 
 def checkpoint_kind(path: Path) -> str:
@@ -61,29 +70,37 @@ def checkpoint_kind(path: Path) -> str:
         if path.suffix != ".pt":
             raise ConfigError(f"{path}: not a .pt file (expected {EXPECTED})")
         return "export"
-    if (path / checkpoint.META).is_file():
+    if (path / META).is_file():
         return "best"
-    if (path / ZERO_MODEL_STATES).is_file() and (path.parent / checkpoint.TRAINER_STATE).is_file():
+    if _is_zero_tag(path) and (path.parent / TRAINER_STATE).is_file():
         return "zero"  # the tag subfolder of a ZeRO step checkpoint
-    if (path / checkpoint.TRAINER_STATE).is_file():
-        folder, _ = _step_folder_and_tag(path)
-        return "step" if (folder / checkpoint.WEIGHTS).is_file() else "zero"
+    if (path / TRAINER_STATE).is_file():
+        return "step" if (path / WEIGHTS).is_file() else "zero"
     raise ConfigError(f"{path}: {_folder_hint(path)}")
 
 
 def read_trainer_state(folder: Path) -> dict[str, Any]:
-    """trainer_state.json of a complete step checkpoint (keys state, sampler, config, args)."""
-    if not (folder / checkpoint.COMPLETE).is_file():
-        raise ConfigError(
-            f"{folder}: no {checkpoint.COMPLETE} marker, the save was interrupted; "
-            "use the previous step-XXXXXXXX folder"
-        )
+    """trainer_state.json of a whole step checkpoint (keys state, sampler, config, args).
+    The project's one reader of that file; the folder is verified against COMPLETE first."""
+    reason = verify_checkpoint(folder)
+    if reason is not None:
+        raise ConfigError(f"{folder}: {reason}; use the previous step-XXXXXXXX folder")
     try:
-        return checkpoint.loads_state(
-            (folder / checkpoint.TRAINER_STATE).read_text(encoding="utf-8")
-        )
+        return loads_state((folder / TRAINER_STATE).read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
-        raise DataError(f"{folder / checkpoint.TRAINER_STATE}: not readable JSON ({err})") from None
+        raise DataError(f"{folder / TRAINER_STATE}: not readable JSON ({err})") from None
+
+
+def load_model_weights(path: Path) -> tuple[StateDict, dict[str, Any]]:
+    """(state_dict, metadata) of an export written by `save_model_weights`; no accelerate."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ConfigError(f"{path}: no such weights folder")
+    reason = manifest.verify(path, META)
+    if reason is not None:
+        raise ConfigError(f"cannot load weights from {path}: {reason}")
+    meta = loads_state((path / META).read_text(encoding="utf-8"))
+    return load_safetensors(path / WEIGHTS), meta
 
 
 def step_folder(path: Path) -> Path | None:
@@ -148,7 +165,8 @@ def _load_export(path: Path) -> tuple[StateDict, dict[str, Any] | None]:
     return payload["model"], payload.get("config")
 
 
-def _load_safetensors(file: Path) -> StateDict:
+def load_safetensors(file: Path) -> StateDict:
+    """The project's one safetensors loader: a DataError naming the file if it is unreadable."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -158,9 +176,13 @@ def _load_safetensors(file: Path) -> StateDict:
         raise DataError(f"{file}: cannot read the weights ({err})") from None
 
 
+def _is_zero_tag(path: Path) -> bool:
+    return path.is_dir() and any(path.glob(ZERO_MODEL_STATES))
+
+
 def _step_folder_and_tag(path: Path) -> tuple[Path, str | None]:
     """(step folder, ZeRO tag or None) for a step folder or the tag subfolder inside one."""
-    if (path / ZERO_MODEL_STATES).is_file() and (path.parent / checkpoint.TRAINER_STATE).is_file():
+    if _is_zero_tag(path) and (path.parent / TRAINER_STATE).is_file():
         return path.parent, path.name
     return path, None
 
@@ -170,16 +192,17 @@ def _zero_tag(folder: Path) -> str:
     latest = folder / "latest"
     if latest.is_file():
         tag = latest.read_text(encoding="utf-8").strip()
-        if (folder / tag / ZERO_MODEL_STATES).is_file():
+        if _is_zero_tag(folder / tag):
             return tag
-    tags = sorted(p.parent.name for p in folder.glob(f"*/{ZERO_MODEL_STATES}"))
+    tags = sorted({p.parent.name for p in folder.glob(f"*/{ZERO_MODEL_STATES}")})
     if "pytorch_model" in tags:  # accelerate's tag of the first prepared model
         return "pytorch_model"
     if len(tags) == 1:
         return tags[0]
     raise ConfigError(
-        f"{folder}: has trainer_state.json but neither {checkpoint.WEIGHTS} nor a DeepSpeed tag "
-        f"folder with {ZERO_MODEL_STATES} (found {tags or 'none'}); expected {EXPECTED}"
+        f"{folder}: has {TRAINER_STATE} but neither {WEIGHTS} nor a DeepSpeed tag folder with "
+        f"model states (mp_rank_00_model_states.pt, or zero_pp_rank_<r>_mp_rank_00_"
+        f"model_states.pt under ZeRO-3; found {tags or 'none'}); expected {EXPECTED}"
     )
 
 
@@ -199,7 +222,7 @@ def _consolidate_zero(folder: Path, tag: str | None) -> StateDict:
     with contextlib.redirect_stdout(sys.stderr):  # it prints progress; keep stdout for results
         try:
             state = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=tag)
-        except (OSError, ValueError, KeyError, RuntimeError) as err:
+        except (OSError, ValueError, KeyError, RuntimeError, AssertionError) as err:
             raise DataError(f"{folder / tag}: cannot consolidate the ZeRO shards ({err})") from None
     return {key: value.contiguous() for key, value in state.items()}
 
@@ -210,7 +233,7 @@ def _folder_hint(path: Path) -> str:
         return f"a run folder; pass {path / 'best'} or one of {path / 'checkpoints'}/step-XXXXXXXX"
     steps = sorted(p.name for p in path.glob("step-*") if p.is_dir())
     if steps:
-        latest = checkpoint.latest_checkpoint(path)
+        latest = latest_checkpoint(path)
         suggestion = f" (the latest complete one is {latest})" if latest else ""
         return f"a folder of checkpoints; pass one of its step-XXXXXXXX folders{suggestion}"
     return f"not a checkpoint (expected {EXPECTED})"
