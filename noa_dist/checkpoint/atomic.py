@@ -129,11 +129,12 @@ def free_space(path: Path) -> str:
 def describe_error(err: BaseException, path: Path) -> str:
     """One line for a failed write: the OS reason and file, plus free space if the disk may
     be full (ENOSPC, a quota, or torch.save's errno-less C++ write failure)."""
-    text = str(err) or type(err).__name__
-    if isinstance(err, OSError) and err.filename is None:
-        text = f"{text} ({path})"
-    elif not isinstance(err, OSError):
-        text = f"{type(err).__name__}: {text}"
+    if isinstance(err, OSError) and err.strerror:
+        text = f"{err.strerror}: {err.filename if err.filename is not None else path}"
+    elif isinstance(err, OSError):
+        text = f"{err} ({path})"
+    else:
+        text = f"{type(err).__name__}: {err}"
     if isinstance(err, OSError) and err.errno in DISK_FULL_ERRNOS:
         return f"{text}; {free_space(path)}"
     if any(marker in str(err) for marker in TORCH_WRITE_FAILURES):
