@@ -2,7 +2,7 @@
 
 `trained_run` (also used by test_diagnose.py) trains the tiny model for one epoch in a
 subprocess once per session; the run folder is cached under pytest's base temp folder.
-`zero3_run` is one 2-rank ZeRO-3 run shared by the ZeRO-3 tests of this module.
+ZeRO-3: test_export_zero3.py.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from trainrun import (
     env_for_test,
     launch,
     make_tiny_dataset,
-    rank_results,
     train_flags,
     zero_launch,
 )
@@ -32,7 +31,6 @@ from noa_dist.checkpoint import (
     checkpoint_kind,
     config_from_dict,
     load_weights,
-    verify_checkpoint,
 )
 from noa_dist.config import Config
 from noa_dist.errors import ConfigError, DataError
@@ -205,53 +203,3 @@ def test_an_unwritable_export_path_is_one_checkpoint_error(trained_run, tmp_path
         export_checkpoint(trained_run / "best", out)
     assert main([str(trained_run / "best"), str(out)]) == 2
     assert capsys.readouterr().err.startswith("error: cannot write the export")
-
-
-@pytest.fixture(scope="module")
-def zero3_run(tmp_path_factory) -> Path:
-    """One epoch of the tiny model on 2 ranks under ZeRO-3 (tests/dist/train_worker.py, which
-    also saves each rank's final parameters); returns the launch folder."""
-    pytest.importorskip("deepspeed")
-    base = tmp_path_factory.mktemp("zero3")
-    dataset = make_tiny_dataset(base / "data")
-    launch(
-        2, train_flags(dataset, base / "out", "--epochs", "1"), base, extra_launch=zero_launch(3)
-    )
-    return base
-
-
-def run_cli(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        args, cwd=REPO, env=env_for_test(tmp_path), capture_output=True, text=True, timeout=300
-    )
-
-
-@pytest.mark.slow
-@pytest.mark.dist
-@pytest.mark.deepspeed
-@pytest.mark.timeout(900)
-def test_noa_export_of_a_zero3_step_checkpoint_gives_the_run_final_weights(zero3_run, tmp_path):
-    ckpt = step_checkpoint(zero3_run / "out" / "run")
-    shards = sorted(p.name for p in ckpt.glob("pytorch_model/*model_states.pt"))
-    assert shards == [f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(2)]
-    assert checkpoint_kind(ckpt) == "zero" and verify_checkpoint(ckpt) is None
-
-    proc = run_cli(["noa-export", str(ckpt), str(tmp_path / "zero3.pt")], tmp_path)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    exported = torch.load(tmp_path / "zero3.pt", weights_only=True)["model"]
-    final = rank_results(zero3_run, 2)[0]["params"]  # gathered after the last step
-    assert exported.keys() == final.keys()
-    assert all(torch.equal(exported[k], final[k]) for k in final)
-    model, _ = load_exported(tmp_path / "zero3.pt")
-    assert all(torch.equal(model.state_dict()[k], final[k]) for k in final)
-
-
-@pytest.mark.slow
-@pytest.mark.dist
-@pytest.mark.deepspeed
-@pytest.mark.timeout(900)
-def test_noa_diagnose_reads_a_zero3_step_checkpoint(zero3_run, tmp_path):
-    ckpt = step_checkpoint(zero3_run / "out" / "run")
-    proc = run_cli(["noa-diagnose", "--checkpoint", str(ckpt), "--json"], tmp_path)
-    assert proc.returncode in (0, 1), proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert json.loads(proc.stdout)["format"] == "zero"
