@@ -122,12 +122,11 @@ def _probe(tmp: Path) -> None:
 
 
 def _write_state(accelerator: Accelerator, tmp: Path) -> None:
-    """accelerate's save_state, then fsync what this rank wrote: on another node its files
-    sit in that node's page cache, where the main process's fsync cannot reach them."""
+    """accelerate's save_state, then every other rank fsyncs what it wrote: on another node
+    its files sit in that node's page cache, where the main process's fsync cannot reach
+    them. The main process fsyncs the whole tree when it seals."""
     accelerator.save_state(str(tmp))
-    if accelerator.is_main_process:
-        fsync_tree(tmp)
-    else:
+    if not accelerator.is_main_process:
         for path in files_of_rank(tmp, accelerator.process_index):
             fsync_path(path)
 
