@@ -3,7 +3,8 @@
 The file is `torch.save({"model": state_dict, "config": Config.to_dict(), "source": str(CKPT),
 "channels": {"in_channels": C, "cond_channels": Cc}})` with canonical fp32 weights, readable
 with `torch.load(OUT, weights_only=True)`; `load_exported(OUT)` returns the built model.
-CKPT is any format `noa_dist.weights` reads; ZeRO shards are consolidated once, here.
+CKPT is any format `noa_dist.checkpoint.load_weights` reads (step folders, ZeRO-1/2/3 step
+folders, best/ folders, export files); ZeRO shards are consolidated once, here.
 """
 
 from __future__ import annotations
@@ -15,11 +16,19 @@ from pathlib import Path
 
 import torch
 
+from noa_dist.checkpoint import (
+    CheckpointError,
+    StateDict,
+    atomic_write,
+    config_from_dict,
+    load_weights,
+    model_channels,
+)
+from noa_dist.checkpoint.atomic import describe_error
 from noa_dist.config import Config
 from noa_dist.errors import ConfigError, NoaError
 from noa_dist.models.build import build_model
 from noa_dist.models.uafno import UAFNO
-from noa_dist.weights import StateDict, config_from_dict, load_weights, model_channels
 
 
 def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike) -> Path:
@@ -46,7 +55,7 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike) -> Path:
         "source": str(ckpt),
         "channels": {"in_channels": in_channels, "cond_channels": cond_channels},
     }
-    _atomic_save(payload, out)
+    _write(payload, out)
     return out
 
 
@@ -79,18 +88,15 @@ def _check_loads(
         ) from None
 
 
-def _atomic_save(payload: dict, out: Path) -> None:
-    """torch.save to a hidden temporary next to OUT, fsync, then rename over OUT."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
+def _write(payload: dict, out: Path) -> None:
+    """torch.save through the project's atomic write; a failure names OUT and the reason."""
     try:
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(out, lambda f: torch.save(payload, f))
+    except (OSError, RuntimeError) as err:  # torch.save's C++ writer raises RuntimeError
+        raise CheckpointError(
+            f"cannot write the export {out}: {describe_error(err, out)}"
+        ) from None
 
 
 def build_parser() -> argparse.ArgumentParser:

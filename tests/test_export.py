@@ -1,7 +1,8 @@
-"""noa-export and noa_dist.weights on checkpoints written by the real trainer.
+"""noa-export and noa_dist.checkpoint's readers on checkpoints written by the real trainer.
 
 `trained_run` (also used by test_diagnose.py) trains the tiny model for one epoch in a
 subprocess once per session; the run folder is cached under pytest's base temp folder.
+ZeRO-3: test_export_zero3.py.
 """
 
 from __future__ import annotations
@@ -16,12 +17,24 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from trainrun import REPO, env_for_test, launch, make_tiny_dataset, train_flags, zero_launch
+from trainrun import (
+    REPO,
+    env_for_test,
+    launch,
+    make_tiny_dataset,
+    train_flags,
+    zero_launch,
+)
 
+from noa_dist.checkpoint import (
+    CheckpointError,
+    checkpoint_kind,
+    config_from_dict,
+    load_weights,
+)
 from noa_dist.config import Config
 from noa_dist.errors import ConfigError, DataError
 from noa_dist.export import export_checkpoint, load_exported, main
-from noa_dist.weights import checkpoint_kind, config_from_dict, load_weights
 
 
 def train_tiny_run(base: Path) -> Path:
@@ -181,3 +194,12 @@ def test_zero2_checkpoint_exports_the_same_weights_as_the_run_best_folder(tmp_pa
     best = load_file(run / "best" / "model.safetensors")  # saved at the same epoch end, gathered
     assert exported.keys() == best.keys()
     assert all(torch.equal(exported[k], best[k]) for k in best)
+
+
+def test_an_unwritable_export_path_is_one_checkpoint_error(trained_run, tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    out = tmp_path / "file" / "model.pt"
+    with pytest.raises(CheckpointError, match=rf"cannot write the export {out}: File exists"):
+        export_checkpoint(trained_run / "best", out)
+    assert main([str(trained_run / "best"), str(out)]) == 2
+    assert capsys.readouterr().err.startswith("error: cannot write the export")
