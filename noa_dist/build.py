@@ -21,6 +21,7 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from noa_dist import distributed, faults
+from noa_dist.checkpoint import load_weights
 from noa_dist.config import Config
 from noa_dist.data.dataset import WellWindowDataset, delta_scale
 from noa_dist.data.sampler import DistributedBatchSampler, ShardedEvalSampler
@@ -31,7 +32,6 @@ from noa_dist.models.build import build_model
 from noa_dist.rollout import Window
 from noa_dist.schedule import build_scheduler
 from noa_dist.step import LossFn, StepSettings
-from noa_dist.weights import load_weights
 
 WORKER_IGNORED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 

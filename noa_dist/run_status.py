@@ -12,10 +12,11 @@ with the reason, the step and the checkpoint. A crash leaves neither. A (re)star
 from __future__ import annotations
 
 import json
-import os
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from noa_dist.checkpoint import atomic_write_text
 
 STOPPED = "STOPPED"
 FINISHED = "FINISHED"
@@ -28,15 +29,8 @@ def clear(run_dir: Path) -> None:
 
 def mark(run_dir: Path, name: str, **fields: Any) -> Path:
     """Write marker `name` (STOPPED or FINISHED) atomically with `fields` and a timestamp."""
-    path = Path(run_dir) / name
     record = {**fields, "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    tmp = path.with_name(f".{name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(json.dumps(record, default=str) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(Path(run_dir) / name, json.dumps(record, default=str) + "\n")
 
 
 def read(run_dir: Path) -> dict[str, Any] | None:

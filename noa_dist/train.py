@@ -27,7 +27,6 @@ from noa_dist.resume import apply_optimizer_overrides, config_changes, refusal_m
 from noa_dist.rollout import bptt_warning
 from noa_dist.stop import StopRequest, launched_by_agent, watch_parent
 from noa_dist.trainer import REQUESTED_STOPS, Outcome, Trainer, TrainingAborted
-from noa_dist.weights import read_trainer_state
 
 log = report.log
 
@@ -60,7 +59,10 @@ def _check_precision(accelerator) -> None:
         )
 
 
-def _refuse_existing_run(cfg: Config, run_dir: Path, checkpoint_dir: Path) -> None:
+LOCK_WAIT_S = 120.0  # a requeued job may start while its previous instance is still saving
+
+
+def _refuse_existing_run(run_dir: Path, checkpoint_dir: Path) -> None:
     """A folder that already holds a run is resumed or refused, never silently reused."""
     found = checkpoint.latest_checkpoint(checkpoint_dir)
     if found is None:
@@ -73,24 +75,52 @@ def _refuse_existing_run(cfg: Config, run_dir: Path, checkpoint_dir: Path) -> No
     )
 
 
-def _resume_point(cfg: Config, accelerator, run_dir: Path, checkpoint_dir: Path):
-    """(checkpoint path or None, its trainer_state) after checking what the new flags change."""
-    if not cfg.checkpoint.resume or cfg.checkpoint.resume == "none":
-        if cfg.checkpoint.init_from is None:
-            _refuse_existing_run(cfg, run_dir, checkpoint_dir)
-        return None, None
-    path = checkpoint.resolve_resume(cfg.checkpoint.resume, checkpoint_dir)
-    if path is None:
-        log.info(f"--resume auto: no complete checkpoint in {checkpoint_dir}; starting fresh")
-        return None, None
-    saved = read_trainer_state(path)
-    changes = config_changes(
-        saved["config"], cfg, deepspeed=distributed.uses_deepspeed(accelerator)
-    )
+def _probe_folders(accelerator, run_dir: Path, checkpoint_dir: Path) -> None:
+    """Every rank writes into the checkpoint folder (its RNG state, its ZeRO shards): find an
+    unwritable one now, not at the first save an epoch in."""
+    checkpoint.probe_writable(checkpoint_dir, "--checkpoint-dir (checkpoints)")
+    if accelerator.is_main_process:
+        checkpoint.probe_writable(run_dir, "--output-dir/--run-name (the run folder)")
+
+
+def _check_resumable(cfg: Config, accelerator, path: Path) -> dict:
+    """The checkpoint's trainer_state, after checking what this launch would change in it."""
+    saved = checkpoint.read_trainer_state(path)
+    deepspeed = distributed.uses_deepspeed(accelerator)
+    changes = config_changes(saved["config"], cfg, deepspeed=deepspeed)
+    saved_world = saved["sampler"].get("num_replicas")
+    if saved_world != accelerator.num_processes:
+        why = (
+            "ZeRO partitions the optimizer state per rank"
+            if deepspeed
+            else "each rank's share of the data order depends on it"
+        )
+        changes["refused"].append(
+            f"number of processes: checkpoint {saved_world}, now {accelerator.num_processes} ({why})"
+        )
     if changes["refused"]:
         raise ConfigError(refusal_message(path, changes["refused"]))
     saved["changes"] = changes
-    return path, saved
+    return saved
+
+
+def _agree_on_start(cfg: Config, accelerator, run_dir: Path, checkpoint_dir: Path):
+    """(run lock, checkpoint to resume or None, its trainer_state), the same on every rank:
+    the run folder locked by the main process and writable by every rank."""
+    lock = checkpoint.lock_run_dir(accelerator, run_dir, wait_s=LOCK_WAIT_S)
+    distributed.run_agreed(
+        accelerator, lambda: _probe_folders(accelerator, run_dir, checkpoint_dir)
+    )
+    resume = cfg.checkpoint.resume if cfg.checkpoint.resume not in (None, "", "none") else None
+    if resume is None:
+        distributed.run_agreed(accelerator, lambda: _refuse_existing_run(run_dir, checkpoint_dir))
+        return lock, None, None
+    path = checkpoint.agree_on_resume(accelerator, resume, checkpoint_dir)
+    if path is None:
+        log.info(f"--resume auto: no complete checkpoint in {checkpoint_dir}; starting fresh")
+        return lock, None, None
+    saved = distributed.run_agreed(accelerator, lambda: _check_resumable(cfg, accelerator, path))
+    return lock, path, saved
 
 
 def prepare(cfg: Config) -> Trainer:
@@ -119,15 +149,14 @@ def prepare(cfg: Config) -> Trainer:
     stop.install()
     if launched_by_agent():
         watch_parent(stop)
-    resume_path, saved = distributed.run_agreed(
-        accelerator, lambda: _resume_point(cfg, accelerator, run_dir, checkpoint_dir)
-    )
+    lock, resume_path, saved = _agree_on_start(cfg, accelerator, run_dir, checkpoint_dir)
     built = build(cfg, accelerator, root)
     log.info(
         f"Model: U-AFNO with {built.n_params:,} parameters; {len(built.data.train)} training "
         f"windows, {built.data.steps_per_epoch} steps/epoch"
     )
     trainer = Trainer(cfg, accelerator, built, run_dir, checkpoint_dir, stop)
+    trainer.run_lock = lock
     run_id = tracking.start_run(
         accelerator,
         project=cfg.tracking.wandb_project,
@@ -136,6 +165,7 @@ def prepare(cfg: Config) -> Trainer:
         config=cfg.to_dict(),
         mode=mode,
         resume_run_id=saved["state"].get("wandb_run_id") if saved else None,
+        resume_step=saved["state"]["global_step"] if saved else None,
     )
     if resume_path is not None:
         _restore(trainer, resume_path, saved["changes"])
@@ -156,7 +186,7 @@ def _restore(trainer: Trainer, path: Path, changes: dict) -> None:
 def export_best(trainer: Trainer) -> None:
     """best/ -> best_model.pt: a plain fp32 state dict + config, loadable without DeepSpeed."""
     best = trainer.run_dir / "best"
-    if trainer.accelerator.is_main_process and (best / "COMPLETE").exists():
+    if trainer.accelerator.is_main_process and (best / checkpoint.COMPLETE).exists():
         out = export_checkpoint(best, trainer.run_dir / "best_model.pt")
         log.info(f"Exported the best model to {out}")
 
@@ -183,6 +213,7 @@ def run(cfg: Config) -> Outcome:
     tracking.finish(accelerator)
     _leave_marker(trainer, outcome)
     distributed.shutdown(accelerator)
+    trainer.run_lock.release()
     return outcome
 
 

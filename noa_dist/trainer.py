@@ -70,6 +70,7 @@ class Trainer:
         self.model, self.optimizer, self.scheduler = built.model, built.optimizer, built.scheduler
         self.data = built.data
         self.state = TrainState(run_dir=str(run_dir))
+        self.run_lock: checkpoint.RunLock | None = None  # held by the main process (train.py)
         self.term_names = list(built.step_settings.loss_weights)
         if cfg.debug.debug_hang_in_save is not None:
             hook = faults.hang_in_save_hook(

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from noa_dist.checkpoint import read_trainer_state, step_folder
 from noa_dist.config import Config
-from noa_dist.weights import read_trainer_state, step_folder
 
 TRAIN_LAUNCH = ["accelerate", "launch", "noa_dist/train.py"]
 

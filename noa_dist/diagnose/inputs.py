@@ -13,13 +13,13 @@ from pathlib import Path
 import torch
 
 from noa_dist import checkpoint
+from noa_dist.checkpoint import checkpoint_kind, config_from_dict, load_weights, step_folder
 from noa_dist.config import Config
 from noa_dist.data.dataset import WellWindowDataset
 from noa_dist.diagnose.result import ConfigItem, Settings, TrainedWith
 from noa_dist.errors import ConfigError
 from noa_dist.models.build import build_model
 from noa_dist.rollout import FULL_BPTT_WARN_ABOVE, bptt_warning, validate_bptt
-from noa_dist.weights import checkpoint_kind, config_from_dict, load_weights, step_folder
 
 
 @dataclass(frozen=True)
