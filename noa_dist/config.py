@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import sys
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -19,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from noa_dist.errors import ConfigError
+from noa_dist.errors import ConfigError, OneLineErrorParser
 
 
 def _doc(text: str, **kwargs: Any) -> Any:
@@ -202,8 +203,11 @@ def _convert(name: str, text: Any, target: type) -> Any:
             return False
         raise ValueError(f"--{name}: expected true/false, got {text!r}")
     try:
-        if target is int and isinstance(text, float) and not text.is_integer():
-            raise ValueError
+        if target is int and not isinstance(text, int):
+            number = float(text)  # sweep agents render int-valued parameters as "32.0"
+            if not number.is_integer():
+                raise ValueError
+            return int(number)
         return target(text)
     except (TypeError, ValueError):
         raise ValueError(
@@ -212,7 +216,7 @@ def _convert(name: str, text: Any, target: type) -> Any:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="noa_dist/train.py",
         description="Train NOA (U-AFNO) with truncated BPTT under Accelerate. "
         "Precedence: command line > --config YAML > defaults.",
@@ -276,9 +280,30 @@ def config_file(cli: dict[str, Any]) -> str | None:
     return None
 
 
+def _attach_negative_numbers(argv: list[str]) -> list[str]:
+    """`--lr -1e-3` -> `--lr=-1e-3`: argparse takes "-1e-3" for an option (it only knows
+    "-1" and "-.5" as negative numbers), so validation could never say what is wrong."""
+    joined: list[str] = []
+    for token in argv:
+        if joined and joined[-1].startswith("--") and "=" not in joined[-1] and _is_number(token):
+            joined[-1] = f"{joined[-1]}={token}"
+        else:
+            joined.append(token)
+    return joined
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return text.startswith("-")
+
+
 def load_config(argv: list[str] | None = None) -> Config:
     """Parse YAML + CLI into a validated Config; every problem is reported in one ConfigError."""
-    cli = vars(build_parser().parse_args(argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cli = vars(build_parser().parse_args(_attach_negative_numbers(argv)))
     problems: list[str] = []
     path = config_file(cli)
     cli.pop("config", None)

@@ -80,14 +80,17 @@ def build_accelerator(
     )
 
 
-def any_rank(accelerator: Accelerator, *flags: torch.Tensor | bool) -> tuple[bool, ...]:
-    """For each flag: true on every rank if true on any rank. One int32 MAX all-reduce. # sync point"""
-    values = torch.stack(
-        [torch.as_tensor(f, device=accelerator.device).to(torch.int32).reshape(()) for f in flags]
+def max_across_ranks(accelerator: Accelerator, *values: torch.Tensor | int) -> tuple[int, ...]:
+    """For each value (a flag or a small code): its maximum over all ranks, on every rank.
+
+    One int32 MAX all-reduce and one read to the host. # sync point
+    """
+    stacked = torch.stack(
+        [torch.as_tensor(v, device=accelerator.device).to(torch.int32).reshape(()) for v in values]
     )
     if accelerator.num_processes > 1:
-        torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MAX)
-    return tuple(bool(v) for v in values.tolist())
+        torch.distributed.all_reduce(stacked, op=torch.distributed.ReduceOp.MAX)
+    return tuple(stacked.tolist())
 
 
 def nonfinite(value: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import re
 
@@ -63,3 +64,16 @@ def _last_exception_message(formatted: str, type_name: str) -> str | None:
     if not separator:  # raised without a message
         return qualified_type
     return "\n".join([first_line, *lines[1:]]).rstrip()
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line (`error: ... (see PROG --help)`, exit 2)
+    instead of the whole usage block; abbreviated flags are not accepted (`--tim 4` must not
+    silently mean --timesteps)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")

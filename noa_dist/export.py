@@ -26,7 +26,7 @@ from noa_dist.checkpoint import (
 )
 from noa_dist.checkpoint.atomic import describe_error
 from noa_dist.config import Config
-from noa_dist.errors import ConfigError, NoaError
+from noa_dist.errors import ConfigError, NoaError, OneLineErrorParser
 from noa_dist.models.build import build_model
 from noa_dist.models.uafno import UAFNO
 
@@ -100,7 +100,7 @@ def _write(payload: dict, out: Path) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="noa-export",
         description="Export a noa-dist checkpoint (step folder, ZeRO step folder, best/ folder or "
         "export .pt) to one .pt file of fp32 weights + config that loads without DeepSpeed.",

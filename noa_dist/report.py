@@ -187,9 +187,14 @@ def stopped(reason: str, state, path: Path) -> None:
 
 def final_summary(outcome, run_dir: Path, wandb_location: str | None) -> None:
     st = outcome.state
+    how = (
+        "finished"
+        if outcome.stopped_by in (None, "max-steps", "early-stop")
+        else (f"stopped ({outcome.stopped_by}; resume with --resume auto)")
+    )
     lines = [
         "=" * 64,
-        f"Training finished: {st.global_step} steps ({st.applied_steps} applied, "
+        f"Training {how}: {st.global_step} steps ({st.applied_steps} applied, "
         f"{st.skipped_steps} skipped), {st.epoch} epoch(s)",
     ]
     if outcome.val is not None:
@@ -205,7 +210,7 @@ def final_summary(outcome, run_dir: Path, wandb_location: str | None) -> None:
     lines += [
         f"  Run directory: {run_dir}",
         f"  Checkpoints:   {outcome.checkpoint_dir}",
-        f"  Best model:    {best if (best / 'COMPLETE').exists() else 'none (no finite validation)'}",
+        f"  Best model:    {best if (best / 'COMPLETE').exists() else 'none yet'}",
         f"  Figures:       {run_dir / 'figures'}",
         f"  W&B run:       {wandb_location or 'disabled'}",
         "=" * 64,

@@ -43,18 +43,21 @@ def config_changes(saved: dict[str, dict[str, Any]], cfg: Config, *, deepspeed: 
         for k, (a, b) in diff.items()
         if k in REFUSED
     ]
+    model_fields = set(saved.get("model", {}))
     refused += [
         f"--{k.replace('_', '-')}: checkpoint {a!r}, now {b!r} (changes the model)"
         for k, (a, b) in diff.items()
-        if k in saved.get("model", {})
+        if k in model_fields
     ]
+    fixed = set(REFUSED) | model_fields
     if deepspeed and "mixed_precision" in diff:
         a, b = diff["mixed_precision"]
         refused.append(
             f"--mixed-precision: checkpoint {a!r}, now {b!r} (ZeRO stores its weights in it)"
         )
+        fixed.add("mixed_precision")
     applied = {k: diff[k] for k in APPLIED if k in diff}
-    changed = {k: v for k, v in diff.items() if k not in applied and k not in REFUSED}
+    changed = {k: v for k, v in diff.items() if k not in applied and k not in fixed}
     return {"applied": applied, "refused": refused, "changed": changed}
 
 

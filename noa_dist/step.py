@@ -47,7 +47,7 @@ class StepSettings:
 @dataclass
 class StepResult:
     applied: bool  # agreed by every rank
-    stop: bool  # some rank was asked to stop (agreed in the same all-reduce)
+    stop: int  # 0, else the stop code some rank was asked to stop with (stop.StopRequest)
     grad_norm: Tensor  # pre-clipping global norm, on device (inf/NaN on a skip)
     terms: dict[str, Tensor]  # per-step mean of every unweighted term + "total", on device
     skip_reason: str = ""  # who saw what, when not applied (names rank, micro-step, window, term)
@@ -96,7 +96,7 @@ def train_step(
     settings: StepSettings,
     *,
     step: int,
-    stop_requested: bool = False,
+    stop_code: int = 0,
 ) -> StepResult:
     """Run optimizer step `step` (1-based) over `micro_batches`; call on every rank.
 
@@ -123,8 +123,8 @@ def train_step(
             del window  # free its graph before the next window is built
     grad_norm, grad_bad = distributed.finish_gradients(accelerator, model, settings.max_grad_norm)
     # sync point: the step's one host read, one collective
-    loss_bad, grad_bad, stop = distributed.any_rank(
-        accelerator, tracker.any_bad, grad_bad, stop_requested
+    loss_bad, grad_bad, stop = distributed.max_across_ranks(
+        accelerator, tracker.any_bad, grad_bad, stop_code
     )
     applied = not (loss_bad or grad_bad)
     reason = "" if applied else _skip_reason(accelerator, model, tracker, loss_bad)

@@ -16,19 +16,27 @@ import threading
 import time
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+LAUNCHER_EXITED = 1000  # a stop code that is no signal number
 
 
 class StopRequest:
+    """Why this rank was asked to stop, as a small int code the step agrees on across ranks
+    (a signal number, or LAUNCHER_EXITED); 0 while nothing asked."""
+
     def __init__(self) -> None:
-        self.reason: str | None = None
+        self.code = 0
 
     @property
     def requested(self) -> bool:
-        return self.reason is not None
+        return self.code != 0
 
-    def request(self, reason: str) -> None:
-        if self.reason is None:
-            self.reason = reason
+    @property
+    def reason(self) -> str | None:
+        return describe(self.code) if self.code else None
+
+    def request(self, code: int) -> None:
+        if self.code == 0:
+            self.code = code
 
     def install(self, signals: tuple[signal.Signals, ...] = STOP_SIGNALS) -> None:
         """Turn these signals into a stop request (the first one wins)."""
@@ -37,18 +45,28 @@ class StopRequest:
 
     def _handle(self, signum: int, _frame) -> None:
         name = signal.Signals(signum).name
-        if signum == signal.SIGINT and self.reason == "SIGINT":
+        if signum == signal.SIGINT and self.code == signal.SIGINT:
             # A second Ctrl-C: the user does not want to wait for the checkpoint.
             print("Second Ctrl-C: exiting without saving", file=sys.stderr, flush=True)
             os._exit(130)
-        if self.reason is None and int(os.environ.get("RANK", "0")) == 0:
+        if self.code == 0 and int(os.environ.get("RANK", "0")) == 0:
             again = " (Ctrl-C again to exit at once)" if signum == signal.SIGINT else ""
             print(
                 f"\n{name} received: saving a checkpoint at the next step, then stopping{again}",
                 file=sys.stderr,
                 flush=True,
             )
-        self.request(name)
+        self.request(signum)
+
+
+def describe(code: int) -> str:
+    """The stop reason of a code agreed across ranks: a signal's name, "launcher exited"."""
+    if code == LAUNCHER_EXITED:
+        return "launcher exited"
+    try:
+        return signal.Signals(code).name
+    except ValueError:
+        return f"stop code {code}"
 
 
 def watch_parent(stop: StopRequest, grace_s: float = 300.0, poll_s: float = 1.0) -> None:
@@ -65,7 +83,7 @@ def watch_parent(stop: StopRequest, grace_s: float = 300.0, poll_s: float = 1.0)
     def poll() -> None:
         while os.getppid() == parent:
             time.sleep(poll_s)
-        stop.request("launcher exited")
+        stop.request(LAUNCHER_EXITED)
         time.sleep(grace_s)
         print(f"launcher {parent} exited {grace_s:.0f} s ago: exiting", file=sys.stderr, flush=True)
         os._exit(1)

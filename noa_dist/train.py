@@ -204,16 +204,22 @@ def _leave_marker(trainer: Trainer, outcome: Outcome) -> None:
         run_status.mark(trainer.run_dir, run_status.STOPPED, reason=outcome.stopped_by, **fields)
 
 
-def run(cfg: Config) -> Outcome:
-    trainer = prepare(cfg)
-    outcome = trainer.fit()
+def finish(trainer: Trainer, outcome: Outcome) -> None:
+    """Export, summarise, close W&B, leave the run folder's marker, leave together."""
     export_best(trainer)
     accelerator = trainer.accelerator
     report.final_summary(outcome, trainer.run_dir, tracking.run_location(accelerator))
     tracking.finish(accelerator)
     _leave_marker(trainer, outcome)
     distributed.shutdown(accelerator)
-    trainer.run_lock.release()
+    if trainer.run_lock is not None:
+        trainer.run_lock.release()
+
+
+def run(cfg: Config) -> Outcome:
+    trainer = prepare(cfg)
+    outcome = trainer.fit()
+    finish(trainer, outcome)
     return outcome
 
 

@@ -25,6 +25,7 @@ from noa_dist.resume import current_lr
 from noa_dist.state import TrainState
 from noa_dist.step import StepResult, train_step
 from noa_dist.stop import StopRequest
+from noa_dist.stop import describe as describe_stop
 
 
 def _rng_problem(path: Path, rank: int) -> str | None:
@@ -150,7 +151,7 @@ class Trainer:
                 self.built.loss_fn,
                 self.built.step_settings,
                 step=st.global_step + 1,
-                stop_requested=self.stop.requested,
+                stop_code=self.stop.code,
             )
             st.batch_in_epoch += accum
             progress.update(accum)
@@ -174,7 +175,7 @@ class Trainer:
         if cfg.checkpoint.save_every and st.global_step % cfg.checkpoint.save_every == 0:
             self.save()
         if result.stop:
-            return self.stop.reason or "signal on another rank"
+            return describe_stop(result.stop)  # the same on every rank, signalled or not
         if cfg.train.max_steps and st.global_step >= cfg.train.max_steps:
             return "max-steps"
         if cfg.train.stop_at_step and st.global_step >= cfg.train.stop_at_step:

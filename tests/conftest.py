@@ -180,3 +180,11 @@ def dummy_root_without_test(dummy_root: Path) -> Path:
     """dummy_root with the_well's file in train/ and valid/ only (what training needs)."""
     shutil.rmtree(dummy_root / "data" / "test")
     return dummy_root
+
+
+from dist_runs import (  # noqa: E402,F401 (launches shared by several modules)
+    ddp_faulted,
+    ddp_reference,
+    ddp_straight,
+    tiny_dataset,
+)

@@ -3,14 +3,12 @@ with the shipped default of one DataLoader worker per rank."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
+from dist_runs import FAULTS, STEPS, same_floats
 from trainrun import (
     assert_same_params,
     launch,
     launch_and_kill_when,
-    make_tiny_dataset,
     rank_results,
     train_flags,
 )
@@ -19,38 +17,9 @@ pytestmark = [pytest.mark.dist, pytest.mark.slow, pytest.mark.timeout(900)]
 
 STEPS_PER_EPOCH = 6  # 24 training windows / (batch 2 x 2 ranks)
 
-# Faults where they hurt, one kind per step (accumulation 2, two TBPTT windows per micro-step):
-FAULTS = {
-    2: "1:2:micro=1:window=2",  # NaN loss in window 2 of 2 (after window 1 ran backward)
-    4: "1:4:micro=1",  # NaN loss on micro-step 1 of 2 (micro-step 2 then runs backward)
-    6: "0:6:grad:micro=2:window=1",  # NaN gradient, finite loss, on one rank
-    8: "1:8:micro=2:window=2,0:8:grad:micro=1",  # NaN loss on one rank, NaN gradient on the other
-}
-ACCUM_FLAGS = ["--gradient-accumulation-steps", "2", "--tbptt-mode", "all-windows", "--epochs", "3"]
 
-
-def same_floats(a: list[float], b: list[float]) -> bool:
-    """Equal lists where NaN equals NaN (the loss logged for a skipped step is NaN)."""
-    return len(a) == len(b) and all(
-        x == y or (math.isnan(x) and math.isnan(y)) for x, y in zip(a, b, strict=True)
-    )
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    return make_tiny_dataset(tmp_path_factory.mktemp("data") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def straight_run(dataset, tmp_path_factory):
-    """Two epochs without interruption: the reference for the resume tests."""
-    out = tmp_path_factory.mktemp("straight")
-    launch(2, train_flags(dataset, out / "runs", "--epochs", "2"), out)
-    return rank_results(out, 2)
-
-
-def test_two_ranks_see_disjoint_data_and_end_with_identical_parameters(straight_run):
-    r0, r1 = straight_run
+def test_two_ranks_see_disjoint_data_and_end_with_identical_parameters(ddp_straight):
+    r0, r1 = ddp_straight
     per_epoch = STEPS_PER_EPOCH * 2  # samples per rank per epoch
     for epoch in range(2):
         seen0 = r0["seen"][epoch * per_epoch : (epoch + 1) * per_epoch]
@@ -63,31 +32,11 @@ def test_two_ranks_see_disjoint_data_and_end_with_identical_parameters(straight_
     assert_same_params(r0["params"], r1["params"])
 
 
-@pytest.fixture(scope="module")
-def faulted_run(dataset, tmp_path_factory):
-    """Accumulation 2, all-windows, a fault of another kind at steps 2, 4, 6, 8; counting."""
-    out = tmp_path_factory.mktemp("faulted")
-    flags = [*ACCUM_FLAGS, "--debug-inject-nan", ",".join(FAULTS.values())]
-    run = launch(2, train_flags(dataset, out / "runs", *flags), out, env={"NOA_TEST_COUNT": "1"})
-    return run.stdout, rank_results(out, 2)
-
-
-@pytest.fixture(scope="module")
-def reference_skips(dataset, tmp_path_factory):
-    """The same run with steps 2, 4, 6, 8 skipped before any forward or backward."""
-    out = tmp_path_factory.mktemp("reference")
-    skip = ",".join(map(str, FAULTS))
-    launch(
-        2, train_flags(dataset, out / "runs", *ACCUM_FLAGS), out, env={"NOA_TEST_SKIP_STEPS": skip}
-    )
-    return rank_results(out, 2)
-
-
 def test_faults_in_window_k_micro_step_k_and_gradients_skip_as_if_the_step_never_happened(
-    faulted_run, reference_skips
+    ddp_faulted, ddp_reference
 ):
-    stdout, ranks = faulted_run
-    for faulted, reference in zip(ranks, reference_skips, strict=True):
+    stdout, ranks = ddp_faulted.stdout, ddp_faulted.ranks
+    for faulted, reference in zip(ranks, ddp_reference.ranks, strict=True):
         assert faulted["state"]["history"]["skipped"] == list(FAULTS)
         assert faulted["state"]["applied_steps"] == reference["state"]["applied_steps"] == 5
         assert_same_params(faulted["params"], reference["params"])  # bitwise
@@ -111,12 +60,11 @@ def test_faults_in_window_k_micro_step_k_and_gradients_skip_as_if_the_step_never
     )
 
 
-def test_one_gradient_allreduce_one_collective_and_one_host_read_per_step(faulted_run):
+def test_one_gradient_allreduce_one_collective_and_one_host_read_per_step(ddp_faulted):
     """DDP's no_sync covers the forward and backward of every window but the step's last."""
-    _, ranks = faulted_run
-    for rank in ranks:
+    for rank in ddp_faulted.ranks:
         counts = rank["counts"]
-        assert len(counts) == 3 * 3
+        assert len(counts) == STEPS
         applied = [c for step, c in enumerate(counts, start=1) if step not in FAULTS]
         print(f"rank {rank['rank']} per-step counts (applied steps): {applied[0]}")
         assert all(c.get("gradient_allreduces") == 1 for c in counts)  # tiny model: one bucket
@@ -125,16 +73,16 @@ def test_one_gradient_allreduce_one_collective_and_one_host_read_per_step(faulte
         )
 
 
-def test_stop_and_resume_auto_is_bitwise_identical_to_a_straight_run(
-    dataset, tmp_path, straight_run
+def test_stop_and_resume_auto_is_bitwise_identical_to_a_ddp_straight(
+    tiny_dataset, tmp_path, ddp_straight
 ):
-    flags = train_flags(dataset, tmp_path / "runs", "--epochs", "2")
+    flags = train_flags(tiny_dataset, tmp_path / "runs", "--epochs", "2")
     first = launch(2, [*flags, "--stop-at-step", str(STEPS_PER_EPOCH + 2)], tmp_path / "first")
     assert "Stopped (stop-at-step)" in first.stdout
     second = launch(2, [*flags, "--resume", "auto"], tmp_path / "second")
     assert "Will skip first 2 batches of epoch 2" in second.stdout
     resumed = rank_results(tmp_path / "second", 2)
-    for ref, res in zip(straight_run, resumed, strict=True):
+    for ref, res in zip(ddp_straight, resumed, strict=True):
         assert_same_params(ref["params"], res["params"])
         assert res["state"]["history"]["train_loss"] == ref["state"]["history"]["train_loss"]
         assert res["state"]["history"]["val_loss"] == ref["state"]["history"]["val_loss"]
@@ -144,9 +92,9 @@ def test_stop_and_resume_auto_is_bitwise_identical_to_a_straight_run(
 
 
 def test_sigkill_mid_checkpoint_resumes_from_previous_complete_one_bitwise(
-    dataset, tmp_path, straight_run
+    tiny_dataset, tmp_path, ddp_straight
 ):
-    flags = train_flags(dataset, tmp_path / "runs", "--epochs", "2", "--save-every", "2")
+    flags = train_flags(tiny_dataset, tmp_path / "runs", "--epochs", "2", "--save-every", "2")
     launch_and_kill_when(
         2,
         [*flags, "--debug-hang-in-save", "4"],
@@ -158,6 +106,6 @@ def test_sigkill_mid_checkpoint_resumes_from_previous_complete_one_bitwise(
     assert not (ckpts / "step-00000004").exists()
     resumed = launch(2, [*flags, "--resume", "auto"], tmp_path / "second")
     assert "Resuming from checkpoint" in resumed.stdout and "step-00000002" in resumed.stdout
-    for ref, res in zip(straight_run, rank_results(tmp_path / "second", 2), strict=True):
+    for ref, res in zip(ddp_straight, rank_results(tmp_path / "second", 2), strict=True):
         assert_same_params(ref["params"], res["params"])
         assert res["state"]["history"]["train_loss"] == ref["state"]["history"]["train_loss"]

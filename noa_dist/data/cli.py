@@ -16,7 +16,7 @@ from noa_dist.data.check import check_dataset, dataset_notes, describe_dataset, 
 from noa_dist.data.generate import FAMILIES, dataset_summary, generate_dataset
 from noa_dist.data.stats import write_stats
 from noa_dist.data.writer import COMPRESSIONS
-from noa_dist.errors import ConfigError, NoaError
+from noa_dist.errors import ConfigError, NoaError, OneLineErrorParser
 
 
 def _comma_list(flag: str, convert: type) -> Callable[[str], list]:
@@ -121,9 +121,7 @@ def _add_info_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="noa-data", description="Well-format data tools for noa-dist."
-    )
+    parser = OneLineErrorParser(prog="noa-data", description="Well-format data tools for noa-dist.")
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_generate_parser(subparsers)
     _add_stats_parser(subparsers)

@@ -19,16 +19,11 @@ from noa_dist.diagnose.inputs import config_check, load_inputs, previous_checkpo
 from noa_dist.diagnose.probe import chain_summary, forward_summary, gradient_summary, run_probe
 from noa_dist.diagnose.result import DataCheck, Diagnosis, Findings, LossSummary
 from noa_dist.diagnose.verdict import verdict
-from noa_dist.errors import NoaError
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, exit 2 (argparse prints usage + message)
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+from noa_dist.errors import NoaError, OneLineErrorParser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = OneLineErrorParser(
         prog="noa-diagnose",
         description="Diagnose NaN/Inf or exploding gradients of a NOA checkpoint: forward, loss, "
         "backward and gradient growth through the autoregressive chain, with a verdict and fix.",

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from noa_dist import distributed, train
+from noa_dist import train
 from noa_dist import trainer as trainer_module
 from noa_dist.config import load_config
 from noa_dist.step import StepResult
@@ -50,7 +50,7 @@ def skipping_step(real_step, skip: set[int]):
             )
         names = [*settings.loss_weights, "total"]
         nan = torch.full((), math.nan, device=accelerator.device)
-        return StepResult(False, False, nan, dict.fromkeys(names, nan), "reference skip")
+        return StepResult(False, 0, nan, dict.fromkeys(names, nan), "reference skip")
 
     return step
 
@@ -140,7 +140,7 @@ def main() -> None:
         },
         out / f"rank{acc.process_index}.pt",
     )
-    distributed.shutdown(acc)
+    train.finish(trainer, outcome)
 
 
 if __name__ == "__main__":

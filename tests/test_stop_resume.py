@@ -1,0 +1,159 @@
+"""Stops and kills as a cluster delivers them, with the default DataLoader worker, each
+followed by `--resume auto` and compared bitwise with the straight run (tests/dist_runs.py).
+
+Signals go to processes found by pid (torch elastic starts each rank in its own session: a
+signal to the launcher's process group alone would not reach them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import time
+
+import pytest
+from dist_runs import same_floats
+from trainrun import (
+    REPO,
+    WORKER,
+    assert_same_params,
+    env_for_test,
+    job_processes,
+    kill_tree,
+    launch,
+    launch_command,
+    rank_process,
+    rank_results,
+    train_flags,
+)
+
+pytestmark = [pytest.mark.dist, pytest.mark.slow, pytest.mark.timeout(1800)]
+
+KILLS = int(os.environ.get("NOA_TEST_KILLS", "3"))  # 10 for the stress figure in the notes
+
+
+def run_until(flags, out, marker: str, action, *, timeout: float = 600) -> tuple[str, int]:
+    """Launch 2 ranks, call `action(proc)` when `marker` (a regex) first appears in the output,
+    then wait for the job to end; returns (output, launcher exit code)."""
+    out.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(
+        launch_command(2, WORKER, flags),
+        cwd=REPO,
+        env=env_for_test(out),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    lines, fired, deadline = [], False, time.monotonic() + timeout
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if not fired and re.search(marker, line):
+                action(proc)
+                fired = True
+            if time.monotonic() > deadline:
+                raise AssertionError("job did not end:\n" + "".join(lines[-60:]))
+        proc.wait(timeout=60)
+    finally:
+        kill_tree(proc)
+    text = "".join(lines)
+    assert fired, f"never saw {marker!r}:\n{text[-4000:]}"
+    return text, proc.returncode
+
+
+def sigterm_launcher(proc):
+    os.kill(proc.pid, signal.SIGTERM)
+
+
+def sigterm_every_process(proc):
+    """What SLURM does at a time limit: every process of the job step, workers included."""
+    for p in job_processes(proc):
+        os.kill(p.pid, signal.SIGTERM)
+
+
+def sigusr1_rank1(proc):
+    os.kill(rank_process(proc, 1).pid, signal.SIGUSR1)
+
+
+def ctrl_c(proc):
+    """A terminal's Ctrl-C: SIGINT to the foreground process group (the launcher's)."""
+    os.killpg(proc.pid, signal.SIGINT)
+
+
+SIGNALS = {
+    "launcher-SIGTERM": (sigterm_launcher, "SIGTERM", 1),
+    "job-SIGTERM": (sigterm_every_process, "SIGTERM", 1),
+    "rank1-SIGUSR1": (sigusr1_rank1, "SIGUSR1", 0),
+    "ctrl-c": (ctrl_c, "SIGINT", 1),
+}
+
+
+def assert_resumed_bitwise(resumed: list[dict], straight: list[dict]) -> None:
+    for ref, res in zip(straight, resumed, strict=True):
+        assert res["state"]["global_step"] == ref["state"]["global_step"] == 12
+        assert_same_params(ref["params"], res["params"])
+        for key in ("train_loss", "val_loss"):
+            assert same_floats(res["state"]["history"][key], ref["state"]["history"][key]), key
+
+
+def our_tracebacks(output: str) -> list[str]:
+    """Tracebacks other than the elastic agent's own SignalException (documented: torch's
+    agent prints it and exits 1 after it forwarded a signal, whatever the ranks do)."""
+    blocks = output.split("Traceback (most recent call last):")[1:]
+    return [b for b in blocks if "SignalException" not in b.split("\n\n")[0]]
+
+
+@pytest.mark.parametrize("how", list(SIGNALS))
+def test_a_stop_signal_saves_every_rank_at_one_step_and_resumes_bitwise(
+    how, tiny_dataset, tmp_path, ddp_straight
+):
+    send, signal_name, launcher_code = SIGNALS[how]
+    flags = train_flags(tiny_dataset, tmp_path / "runs", "--epochs", "2")
+    output, code = run_until(flags, tmp_path / "stopped", r"\[3/12\]", send)
+    assert code == launcher_code, output[-3000:]
+    assert not our_tracebacks(output), our_tracebacks(output)[0][-3000:]
+    marker = json.loads((tmp_path / "runs" / "run" / "STOPPED").read_text())
+    stopped = rank_results(tmp_path / "stopped", 2)
+    assert marker["reason"] == signal_name
+    assert [r["state"]["global_step"] for r in stopped] == [marker["step"]] * 2
+    assert 3 <= marker["step"] < 12 and marker["checkpoint"].endswith(f"step-{marker['step']:08d}")
+    assert all(r["stopped_by"] == signal_name for r in stopped)
+    launch(2, [*flags, "--resume", "auto"], tmp_path / "resumed")
+    assert not (tmp_path / "runs" / "run" / "STOPPED").exists()
+    assert json.loads((tmp_path / "runs" / "run" / "FINISHED").read_text())["step"] == 12
+    assert_resumed_bitwise(rank_results(tmp_path / "resumed", 2), ddp_straight)
+
+
+def test_sigkill_at_random_points_then_resume_auto_ends_bitwise_equal(
+    tiny_dataset, tmp_path, ddp_straight
+):
+    """A chain of requeues, each SIGKILLed (every process, by pid) at a random point: the
+    first inside a checkpoint save, the others mid-epoch or wherever they land; then a last
+    run to the end. Prints the kill points (the notes quote a 10-kill run)."""
+    rng = random.Random(int(os.environ.get("NOA_TEST_KILL_SEED", "7")))
+    flags = train_flags(tiny_dataset, tmp_path / "runs", "--epochs", "2", "--save-every", "2")
+    points = [("inside the save of step 4", r"hanging inside the checkpoint save of step 4", 0.0)]
+    # strictly later each time, so the next launch (resumed at or before it) reaches it
+    steps = sorted(rng.sample(range(3, 12), KILLS - 1))
+    for k in steps:
+        delay = rng.uniform(0, 1.5)
+        points.append((f"after step {k} + {delay:.2f}s", rf"\[{k}/12\]", delay))
+    for i, (label, marker, delay) in enumerate(points):
+        extra = ["--debug-hang-in-save", "4"] if i == 0 else []
+
+        def kill(proc, delay=delay):
+            time.sleep(delay)
+            kill_tree(proc)
+
+        output, _ = run_until(
+            [*flags, *extra, "--resume", "auto"], tmp_path / f"kill{i}", marker, kill
+        )
+        resumed_from = re.findall(r"Resuming from checkpoint: \S+(step-\d+)", output)
+        print(f"kill {i + 1}: {label}; that launch resumed from {resumed_from or 'nothing'}")
+    launch(2, [*flags, "--resume", "auto"], tmp_path / "final")
+    assert_resumed_bitwise(rank_results(tmp_path / "final", 2), ddp_straight)
