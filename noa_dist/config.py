@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
+import logging
 import sys
 import types
 import typing
@@ -21,6 +21,8 @@ from typing import Any
 import yaml
 
 from noa_dist.errors import ConfigError, OneLineErrorParser
+
+log = logging.getLogger("noa_dist")  # the one output channel (report.setup_logging)
 
 
 def _doc(text: str, **kwargs: Any) -> Any:
@@ -116,6 +118,11 @@ class CheckpointConfig:
     )
     init_from: str | None = _doc(
         "load model weights only from this checkpoint (fine-tuning)", default=None
+    )
+    run_lock_wait: float = _doc(
+        "seconds to wait for another job holding the run folder to end (a requeued job's "
+        "previous instance still saving) before refusing to start",
+        default=120.0,
     )
 
 
@@ -272,10 +279,9 @@ def config_file(cli: dict[str, Any]) -> str | None:
     if "config" in cli:
         return cli["config"]
     if cli.get("dataset", DataConfig.dataset) == "demo" and DEMO_PROFILE.is_file():
-        if os.environ.get("RANK", "0") == "0":
-            print(
-                f"No --config given: training on the demo dataset with the demo profile {DEMO_PROFILE}"
-            )
+        log.info(
+            f"No --config given: training on the demo dataset with the demo profile {DEMO_PROFILE}"
+        )
         return str(DEMO_PROFILE)
     return None
 
@@ -360,7 +366,7 @@ def config_problems(cfg: Config) -> list[str]:
     ):
         if flat[name] is not None and flat[name] < 1:
             problems.append(f"--{name.replace('_', '-')}: must be >= 1 or unset, got {flat[name]}")
-    for name in ("num_workers", "warmup_steps", "save_every"):
+    for name in ("num_workers", "warmup_steps", "save_every", "run_lock_wait"):
         if flat[name] < 0:
             problems.append(f"--{name.replace('_', '-')}: must be >= 0, got {flat[name]}")
     if not flat["lr"] > 0:

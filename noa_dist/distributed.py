@@ -53,6 +53,8 @@ def build_accelerator(
     """An Accelerator for DDP, DeepSpeed or a single process, configured by `accelerate launch`."""
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed otherwise probes for CUDA
+    if deepspeed_requested():
+        check_deepspeed_config_file()
     handlers = [
         # The rollout calls forward T times per step; broadcasting buffers on each call would
         # add T collectives. The model has no buffers that differ across ranks.
@@ -157,21 +159,59 @@ def check_world(accelerator: Accelerator) -> None:
         )
 
 
+# DeepSpeed's defaults size buffers for billion-parameter models (5e8-element buckets: a 2 GB
+# reduce buffer for a 38 MB U-AFNO); these fit ours and are used where the config says nothing.
+ZERO_TUNING = {
+    "reduce_bucket_size": 5_000_000,
+    "allgather_bucket_size": 5_000_000,
+    "contiguous_gradients": True,
+    "stage3_prefetch_bucket_size": 5_000_000,
+    "stage3_param_persistence_threshold": 100_000,
+}
+
+
 def configure_deepspeed(
     accelerator: Accelerator, *, micro_batch_size: int, gradient_clipping: float
 ) -> None:
-    """Fill what DeepSpeed cannot infer: we don't pass a dataloader to prepare (our sampler
-    shards by rank itself), and ZeRO's global overflow skip needs gradient_clipping set."""
+    """Fill the DeepSpeed config before `prepare`, keeping what the user's config sets.
+
+    - the micro-batch: our sampler shards the data itself, no dataloader goes to prepare;
+    - clipping: ZeRO detects a non-finite fp32 step only through the clipped global norm;
+    - bucket sizes (ZERO_TUNING);
+    - ZeRO-3 gathers full 16-bit weights on save: best/ exports need them (without it the
+      first export crashed an epoch into the run);
+    - with optimizer offload, the trainer's torch AdamW runs on the CPU partition (no
+      DeepSpeedCPUAdam op to compile).
+    """
     if not uses_deepspeed(accelerator):
         return
     ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
     if ds_config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
         ds_config["train_micro_batch_size_per_gpu"] = micro_batch_size
-    if ds_config.get("gradient_clipping", "auto") == "auto":
+    if ds_config.get("gradient_clipping", "auto") in ("auto", None, 0, 0.0):
         ds_config["gradient_clipping"] = gradient_clipping
     if ds_config.get("train_batch_size") == "auto":
         ds_config["train_batch_size"] = (
             micro_batch_size * accelerator.gradient_accumulation_steps * accelerator.num_processes
+        )
+    zero = ds_config.setdefault("zero_optimization", {})
+    for key, value in ZERO_TUNING.items():
+        zero.setdefault(key, value)
+    if zero.get("stage") == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    if zero.get("offload_optimizer", {}).get("device", "none") != "none":
+        ds_config.setdefault("zero_force_ds_cpu_optimizer", False)
+
+
+def check_deepspeed_config_file() -> None:
+    """A relative `deepspeed_config_file` is resolved against the working directory, not the
+    launch YAML: say so in one line instead of DeepSpeed's traceback."""
+    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if path and path != "none" and not os.path.isfile(path):
+        where = "" if os.path.isabs(path) else f" (relative to the working directory {os.getcwd()})"
+        raise ConfigError(
+            f"deepspeed_config_file {path!r} of the launch config does not exist{where}; give "
+            "an absolute path, or use launch/zero*.yaml, whose DeepSpeed settings are inline"
         )
 
 

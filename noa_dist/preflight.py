@@ -7,6 +7,7 @@ message instead of leaving some ranks waiting in a collective.
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 from pathlib import Path
 
@@ -24,6 +25,8 @@ from noa_dist.data.schema import (
 )
 from noa_dist.errors import ConfigError, DataError
 
+log = logging.getLogger("noa_dist")  # the one output channel (report.setup_logging)
+
 DEMO = {"n_trajectories": 256, "grid": 64, "timesteps": 64}
 
 
@@ -40,11 +43,7 @@ def ensure_demo_dataset(root: Path) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)  # other local processes block here until it's written
         if not _is_generated(root):
             first = int(os.environ.get("RANK", "0")) == 0
-            if first:
-                print(
-                    f"Generating the demo dataset in {root} (once; cached for later runs) ...",
-                    flush=True,
-                )
+            log.info(f"Generating the demo dataset in {root} (once; cached for later runs) ...")
             generate_dataset(
                 root, **DEMO, workers=min(2, os.cpu_count() or 1), overwrite=True, progress=first
             )

@@ -30,7 +30,15 @@ REFUSED = {
     "window_stride": "changes the samples",
     "seed": "changes the data order",
 }
-IGNORED = ("resume", "init_from", "stop_at_step", "run_name", "output_dir", "checkpoint_dir")
+IGNORED = (
+    "resume",
+    "init_from",
+    "stop_at_step",
+    "run_name",
+    "output_dir",
+    "checkpoint_dir",
+    "run_lock_wait",
+)
 
 
 def config_changes(saved: dict[str, dict[str, Any]], cfg: Config, *, deepspeed: bool) -> dict:

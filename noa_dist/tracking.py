@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import netrc
 import os
 import secrets
@@ -47,6 +48,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
 from noa_dist.errors import ConfigError
+
+log = logging.getLogger("noa_dist")  # the one output channel (report.setup_logging)
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -192,12 +195,10 @@ def _start_rewound(
     try:
         _init_trackers(accelerator, project, config, rewind)
     except Exception as err:
-        print(
+        log.warning(
             f"Note: W&B could not rewind run {kwargs['id']} to step {step} ({_reason(err)}); "
             f"resuming after its last logged step, so steps above {step} that W&B already has "
-            "keep their old values",
-            file=sys.stderr,
-            flush=True,
+            "keep their old values"
         )
         _teardown_service()
         _init_trackers(accelerator, project, config, kwargs)
@@ -264,11 +265,7 @@ def _guarded(accelerator: Accelerator, call: Callable[[], T]) -> T | None:
 def _turn_off(accelerator: Accelerator, err: BaseException) -> None:
     """Print the one warning and make every later tracking call on `accelerator` a no-op."""
     _failed.add(accelerator)
-    print(
-        f"Warning: W&B logging failed ({_reason(err)}); training continues without it",
-        file=sys.stderr,
-        flush=True,
-    )
+    log.warning(f"Warning: W&B logging failed ({_reason(err)}); training continues without it")
     if isinstance(err, ConnectionError):
         _teardown_service()
 

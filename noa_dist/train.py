@@ -59,9 +59,6 @@ def _check_precision(accelerator) -> None:
         )
 
 
-LOCK_WAIT_S = 120.0  # a requeued job may start while its previous instance is still saving
-
-
 def _refuse_existing_run(run_dir: Path, checkpoint_dir: Path) -> None:
     """A folder that already holds a run is resumed or refused, never silently reused."""
     found = checkpoint.latest_checkpoint(checkpoint_dir)
@@ -107,7 +104,7 @@ def _check_resumable(cfg: Config, accelerator, path: Path) -> dict:
 def _agree_on_start(cfg: Config, accelerator, run_dir: Path, checkpoint_dir: Path):
     """(run lock, checkpoint to resume or None, its trainer_state), the same on every rank:
     the run folder locked by the main process and writable by every rank."""
-    lock = checkpoint.lock_run_dir(accelerator, run_dir, wait_s=LOCK_WAIT_S)
+    lock = checkpoint.lock_run_dir(accelerator, run_dir, wait_s=cfg.checkpoint.run_lock_wait)
     distributed.run_agreed(
         accelerator, lambda: _probe_folders(accelerator, run_dir, checkpoint_dir)
     )
@@ -226,6 +223,7 @@ def run(cfg: Config) -> Outcome:
 def main(argv: list[str] | None = None) -> int:
     """Exit 0 when the run finished or stopped on request (the run folder's marker tells
     which), 1 when training aborted, 2 on bad input."""
+    report.setup_logging(is_main=int(os.environ.get("RANK", "0")) == 0)
     try:
         run(load_config(argv))
     except TrainingAborted as exc:

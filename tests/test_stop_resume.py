@@ -80,6 +80,12 @@ def sigusr1_rank1(proc):
     os.kill(rank_process(proc, 1).pid, signal.SIGUSR1)
 
 
+def sigkill_launcher(proc):
+    """The launcher dies (SIGKILL, OOM killer, its node's job step): each rank's parent watch
+    turns it into a stop, so no rank trains on next to a requeued job."""
+    os.kill(proc.pid, signal.SIGKILL)
+
+
 def ctrl_c(proc):
     """A terminal's Ctrl-C: SIGINT to the foreground process group (the launcher's)."""
     os.killpg(proc.pid, signal.SIGINT)
@@ -90,6 +96,7 @@ SIGNALS = {
     "job-SIGTERM": (sigterm_every_process, "SIGTERM", 1),
     "rank1-SIGUSR1": (sigusr1_rank1, "SIGUSR1", 0),
     "ctrl-c": (ctrl_c, "SIGINT", 1),
+    "launcher-SIGKILL": (sigkill_launcher, "launcher exited", -signal.SIGKILL),
 }
 
 

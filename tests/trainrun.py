@@ -199,9 +199,9 @@ def launch(
 
 
 def zero_launch(stage: int) -> list[str]:
-    """accelerate launch flags for DeepSpeed ZeRO on CPU (the trainer adds gloo and DS_ACCELERATOR)."""
-    flags = ["--use_deepspeed", "--zero_stage", str(stage), "--gradient_clipping", "1.0"]
-    return flags + (["--zero3_save_16bit_model", "true"] if stage == 3 else [])
+    """accelerate launch flags for DeepSpeed ZeRO on CPU. Clipping, buckets and ZeRO-3's 16-bit
+    gather are left to the trainer (as with launch/zero*.yaml); it also adds gloo and DS_ACCELERATOR."""
+    return ["--use_deepspeed", "--zero_stage", str(stage)]
 
 
 def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
