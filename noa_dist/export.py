@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from noa_dist.atomic import describe_error
 from noa_dist.checkpoint import (
     CheckpointError,
     StateDict,
@@ -24,7 +25,6 @@ from noa_dist.checkpoint import (
     load_weights,
     model_channels,
 )
-from noa_dist.checkpoint.atomic import describe_error
 from noa_dist.config import Config
 from noa_dist.errors import ConfigError, NoaError, OneLineErrorParser
 from noa_dist.models.build import build_model

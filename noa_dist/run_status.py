@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from noa_dist.checkpoint import atomic_write_text
+from noa_dist.atomic import atomic_write_text
 
 STOPPED = "STOPPED"
 FINISHED = "FINISHED"

@@ -12,8 +12,8 @@ import pytest
 from accelerate import Accelerator
 from test_checkpoint import prepared_training, reset_accelerate, save_steps, steps_on_disk
 
+from noa_dist.atomic import atomic_write_text, describe_error
 from noa_dist.checkpoint import CheckpointError, latest_checkpoint, save_checkpoint, store
-from noa_dist.checkpoint.atomic import atomic_write_text, describe_error
 
 
 @pytest.fixture

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 from trainrun import REPO
 
-from noa_dist.checkpoint import RUN_LOCK, RunLock, atomic, probe_writable
+from noa_dist import atomic
+from noa_dist.checkpoint import RUN_LOCK, RunLock, probe_writable
 from noa_dist.checkpoint.lock import read_holder
 from noa_dist.errors import ConfigError
 

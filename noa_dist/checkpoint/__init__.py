@@ -1,7 +1,7 @@
 """Checkpoints: atomic saves with a verified COMPLETE marker, lookup, rotation, the run lock
-(the store), and the readers of every format noa-dist writes (formats).
+(the store), and the readers of every format noa-dist writes (formats). Durable writes go
+through `noa_dist.atomic`, the one atomic-write helper (re-exported here).
 
-    atomic.py         the one atomic-write helper, fsync, folder replacement, write probes
     layout.py         names on disk (step-XXXXXXXX, .tmp/.old leftovers, COMPLETE, ...)
     manifest.py       the COMPLETE marker: every file with its size (and sha256 if small)
     agree.py          CheckpointError; one collective per save phase so all ranks fail alike
@@ -15,14 +15,14 @@
 Functions taking an `accelerator` must be called on every rank.
 """
 
-from noa_dist.checkpoint.agree import CheckpointError
-from noa_dist.checkpoint.atomic import (
+from noa_dist.atomic import (
     atomic_write,
     atomic_write_bytes,
     atomic_write_text,
     fsync_tree,
     probe_writable,
 )
+from noa_dist.checkpoint.agree import CheckpointError
 from noa_dist.checkpoint.exports import save_model_weights
 from noa_dist.checkpoint.formats import (
     StateDict,

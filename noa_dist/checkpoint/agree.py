@@ -21,7 +21,7 @@ from typing import TypeVar
 from accelerate import Accelerator
 
 from noa_dist import distributed
-from noa_dist.checkpoint.atomic import describe_error
+from noa_dist.atomic import describe_error
 from noa_dist.errors import NoaError
 
 logger = logging.getLogger(__name__)

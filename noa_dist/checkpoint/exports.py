@@ -16,14 +16,14 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from safetensors.torch import save_file
 
-from noa_dist.checkpoint import manifest
-from noa_dist.checkpoint.agree import run_phase
-from noa_dist.checkpoint.atomic import (
+from noa_dist.atomic import (
     atomic_write_text,
     fsync_tree,
     grant_default_mode,
     replace_folder,
 )
+from noa_dist.checkpoint import manifest
+from noa_dist.checkpoint.agree import run_phase
 from noa_dist.checkpoint.layout import META, WEIGHTS, old_dir, tmp_dir
 from noa_dist.checkpoint.trainer_state import dumps_state
 

@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from noa_dist.checkpoint.atomic import atomic_write_text
+from noa_dist.atomic import atomic_write_text
 from noa_dist.checkpoint.layout import COMPLETE
 from noa_dist.checkpoint.trainer_state import loads_state
 

@@ -28,9 +28,7 @@ from typing import Any
 from accelerate import Accelerator
 from accelerate.utils.constants import RNG_STATE_NAME
 
-from noa_dist.checkpoint import manifest
-from noa_dist.checkpoint.agree import exchange_failures, run_phase
-from noa_dist.checkpoint.atomic import (
+from noa_dist.atomic import (
     atomic_write_text,
     fsync_path,
     fsync_tree,
@@ -38,6 +36,8 @@ from noa_dist.checkpoint.atomic import (
     replace_folder,
     write_probe,
 )
+from noa_dist.checkpoint import manifest
+from noa_dist.checkpoint.agree import exchange_failures, run_phase
 from noa_dist.checkpoint.layout import (
     COMPLETE,
     LEFTOVER_DIR,

@@ -31,6 +31,7 @@ import h5py
 import numpy as np
 import yaml
 
+from noa_dist.atomic import atomic_write_text
 from noa_dist.data.schema import (
     BC_ASSOCIATED_DIMS_ATTR,
     BC_ASSOCIATED_FIELDS_ATTR,
@@ -254,9 +255,6 @@ def _to_builtin(value: Any) -> Any:
 
 
 def write_stats_yaml(path: Path, stats: dict[str, dict[str, Any]]) -> Path:
-    """Write the Well's stats.yaml ({stat: {field: value}}) via a temporary file and rename."""
-    path = Path(path)
-    tmp_path = path.with_name(path.name + ".tmp")
-    tmp_path.write_text(yaml.safe_dump(_to_builtin(stats), sort_keys=True))
-    os.replace(tmp_path, path)
-    return path
+    """Write the Well's stats.yaml ({stat: {field: value}}) atomically (its presence marks a
+    finished dataset)."""
+    return atomic_write_text(Path(path), yaml.safe_dump(_to_builtin(stats), sort_keys=True))
