@@ -210,7 +210,7 @@ class Trainer:
             st.history.setdefault(f"train_{name}", []).append(metrics[f"train/{name}"])
         report.step_line(
             st.global_step,
-            self.cfg.train.epochs * self.data.steps_per_epoch,
+            self.built.total_steps,
             self.term_names,
             metrics,
         )

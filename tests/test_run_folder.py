@@ -7,12 +7,19 @@ import shutil
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import h5py
 import numpy as np
 import pytest
+from accelerate.utils import DistributedType
 from trainrun import REPO, env_for_test, kill_tree, train_flags
 from wandb_read import find_offline_runs
+
+from noa_dist.config import load_config
+from noa_dist.errors import ConfigError
+from noa_dist.train import _check_resumable
+from noa_dist.trainer import _rng_problem
 
 TRAIN = REPO / "noa_dist" / "train.py"
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -44,6 +51,18 @@ def test_rerunning_the_same_command_is_refused_with_the_two_commands(tiny_datase
     message = one_error_line(train(flags, tmp_path))
     assert "runs/run already holds a run (its latest checkpoint is step-00000012)" in message
     assert "--resume auto" in message and "--run-name run-2" in message
+
+    # the same checkpoint, as a resume with another process count or an unreadable RNG file sees it
+    step = tmp_path / "runs" / "run" / "checkpoints" / "step-00000012"
+    two_ranks = SimpleNamespace(num_processes=2, distributed_type=DistributedType.DEEPSPEED)
+    cfg = load_config([*flags, "--resume", "auto"])
+    with pytest.raises(ConfigError, match=r"number of processes: checkpoint 1, now 2 \(ZeRO"):
+        _check_resumable(cfg, two_ranks, step)
+    assert _rng_problem(step, 0) is not None  # not restored in this process: reported, no ✓
+    copy = tmp_path / "copy"
+    shutil.copytree(step, copy)
+    (copy / "random_states_0.pkl").write_bytes(b"garbage")
+    assert "cannot read" in _rng_problem(copy, 0)
 
 
 def test_a_second_job_in_a_folder_in_use_is_refused_naming_the_first(tiny_dataset, tmp_path):

@@ -12,58 +12,24 @@ import os
 import random
 import re
 import signal
-import subprocess
 import time
 
 import pytest
 from dist_runs import same_floats
 from trainrun import (
-    REPO,
-    WORKER,
     assert_same_params,
-    env_for_test,
     job_processes,
     kill_tree,
     launch,
-    launch_command,
     rank_process,
     rank_results,
+    run_until,
     train_flags,
 )
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow, pytest.mark.timeout(1800)]
 
 KILLS = int(os.environ.get("NOA_TEST_KILLS", "3"))  # 10 for the stress figure in the notes
-
-
-def run_until(flags, out, marker: str, action, *, timeout: float = 600) -> tuple[str, int]:
-    """Launch 2 ranks, call `action(proc)` when `marker` (a regex) first appears in the output,
-    then wait for the job to end; returns (output, launcher exit code)."""
-    out.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen(
-        launch_command(2, WORKER, flags),
-        cwd=REPO,
-        env=env_for_test(out),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    lines, fired, deadline = [], False, time.monotonic() + timeout
-    try:
-        for line in proc.stdout:
-            lines.append(line)
-            if not fired and re.search(marker, line):
-                action(proc)
-                fired = True
-            if time.monotonic() > deadline:
-                raise AssertionError("job did not end:\n" + "".join(lines[-60:]))
-        proc.wait(timeout=60)
-    finally:
-        kill_tree(proc)
-    text = "".join(lines)
-    assert fired, f"never saw {marker!r}:\n{text[-4000:]}"
-    return text, proc.returncode
 
 
 def sigterm_launcher(proc):

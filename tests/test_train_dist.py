@@ -7,9 +7,10 @@ import pytest
 from dist_runs import FAULTS, STEPS, same_floats
 from trainrun import (
     assert_same_params,
+    kill_tree,
     launch,
-    launch_and_kill_when,
     rank_results,
+    run_until,
     train_flags,
 )
 
@@ -95,11 +96,11 @@ def test_sigkill_mid_checkpoint_resumes_from_previous_complete_one_bitwise(
     tiny_dataset, tmp_path, ddp_straight
 ):
     flags = train_flags(tiny_dataset, tmp_path / "runs", "--epochs", "2", "--save-every", "2")
-    launch_and_kill_when(
-        2,
+    run_until(
         [*flags, "--debug-hang-in-save", "4"],
         tmp_path / "killed",
-        marker="hanging inside the checkpoint save of step 4",
+        "hanging inside the checkpoint save of step 4",
+        kill_tree,
     )
     ckpts = tmp_path / "runs" / "run" / "checkpoints"
     assert (ckpts / ".step-00000004.tmp").is_dir(), "the killed save left its temp folder"

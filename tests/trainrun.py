@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -209,13 +210,12 @@ def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> floa
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
 
 
-def launch_and_kill_when(
-    n_procs: int, args: list[str], out: Path, marker: str, *, timeout: float = 300
-) -> str:
-    """Start a launch, SIGKILL its whole process group once `marker` appears in its output."""
+def run_until(flags, out, marker: str, action, *, timeout: float = 600) -> tuple[str, int]:
+    """Launch 2 ranks, call `action(proc)` when `marker` (a regex) first appears in the output,
+    then wait for the job to end; returns (output, launcher exit code)."""
     out.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(
-        launch_command(n_procs, WORKER, args),
+        launch_command(2, WORKER, flags),
         cwd=REPO,
         env=env_for_test(out),
         stdout=subprocess.PIPE,
@@ -223,21 +223,21 @@ def launch_and_kill_when(
         text=True,
         start_new_session=True,
     )
-    lines, deadline = [], time.monotonic() + timeout
+    lines, fired, deadline = [], False, time.monotonic() + timeout
     try:
         for line in proc.stdout:
             lines.append(line)
-            if marker in line:
-                kill_tree(proc)
-                break
+            if not fired and re.search(marker, line):
+                action(proc)
+                fired = True
             if time.monotonic() > deadline:
-                break
+                raise AssertionError("job did not end:\n" + "".join(lines[-60:]))
+        proc.wait(timeout=60)
     finally:
         kill_tree(proc)
-        proc.wait()
     text = "".join(lines)
-    assert marker in text, f"never saw {marker!r}:\n{text[-4000:]}"
-    return text
+    assert fired, f"never saw {marker!r}:\n{text[-4000:]}"
+    return text, proc.returncode
 
 
 def rank_results(out: Path, world_size: int) -> list[dict]:
