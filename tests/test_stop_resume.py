@@ -27,6 +27,8 @@ from trainrun import (
     train_flags,
 )
 
+from noa_dist.checkpoint import latest_checkpoint
+
 pytestmark = [pytest.mark.dist, pytest.mark.slow, pytest.mark.timeout(1800)]
 
 KILLS = int(os.environ.get("NOA_TEST_KILLS", "3"))  # 10 for the stress figure in the notes
@@ -109,14 +111,16 @@ def test_sigkill_at_random_points_then_resume_auto_ends_bitwise_equal(
     first inside a checkpoint save, the others mid-epoch or wherever they land; then a last
     run to the end. Prints the kill points (the notes quote a 10-kill run)."""
     rng = random.Random(int(os.environ.get("NOA_TEST_KILL_SEED", "7")))
-    flags = train_flags(tiny_dataset, tmp_path / "runs", "--epochs", "2", "--save-every", "2")
-    points = [("inside the save of step 4", r"hanging inside the checkpoint save of step 4", 0.0)]
-    # strictly later each time, so the next launch (resumed at or before it) reaches it
-    steps = sorted(rng.sample(range(3, 12), KILLS - 1))
-    for k in steps:
-        delay = rng.uniform(0, 1.5)
-        points.append((f"after step {k} + {delay:.2f}s", rf"\[{k}/12\]", delay))
-    for i, (label, marker, delay) in enumerate(points):
+    # a save after every step: resumes land right behind each kill, and random kills often
+    # land inside a save
+    flags = train_flags(tiny_dataset, tmp_path / "runs", "--epochs", "2", "--save-every", "1")
+    checkpoints = tmp_path / "runs" / "run" / "checkpoints"
+    label, marker, delay = (
+        "inside the save of step 4",
+        "hanging inside the checkpoint save of step 4",
+        0.0,
+    )
+    for i in range(KILLS):
         extra = ["--debug-hang-in-save", "4"] if i == 0 else []
 
         def kill(proc, delay=delay):
@@ -128,5 +132,47 @@ def test_sigkill_at_random_points_then_resume_auto_ends_bitwise_equal(
         )
         resumed_from = re.findall(r"Resuming from checkpoint: \S+(step-\d+)", output)
         print(f"kill {i + 1}: {label}; that launch resumed from {resumed_from or 'nothing'}")
+        latest = latest_checkpoint(checkpoints)
+        start = int(latest.name.split("-")[1]) if latest else 0
+        if start >= 11:
+            break  # the kill landed after the last steps: nothing left to interrupt
+        # a step the next launch (resumed at `start`) will reach, plus a random delay
+        step, delay = rng.randint(start + 1, min(start + 2, 11)), rng.uniform(0, 0.3)
+        label, marker = f"after step {step} + {delay:.2f}s", rf"\[{step}/12\]"
     launch(2, [*flags, "--resume", "auto"], tmp_path / "final")
     assert_resumed_bitwise(rank_results(tmp_path / "final", 2), ddp_straight)
+
+
+TRIALS = int(os.environ.get("NOA_TEST_KILL_TRIALS", "1"))  # 10 for the figure in the notes
+
+
+@pytest.mark.parametrize("trial", range(TRIALS))
+def test_one_sigkill_at_a_random_point_then_resume_auto_is_bitwise_equal(
+    trial, tiny_dataset, tmp_path, ddp_straight
+):
+    """Independent trials: SIGKILL of every process (by pid) once, at a seeded random point:
+    inside a checkpoint save (every third trial) or after a random step plus a random delay
+    (mid-epoch or between epochs), then one `--resume auto` to the end."""
+    rng = random.Random(1000 + trial)
+    flags = train_flags(tiny_dataset, tmp_path / "runs", "--epochs", "2", "--save-every", "2")
+    if trial % 3 == 0:
+        save = rng.choice([2, 4, 8, 10])
+        extra, marker, delay = (
+            ["--debug-hang-in-save", str(save)],
+            f"checkpoint save of step {save} ",
+            0,
+        )
+        label = f"inside the save of step {save}"
+    else:
+        step, delay = rng.randint(1, 11), rng.uniform(0, 0.5)
+        extra, marker, label = [], rf"\[{step}/12\]", f"after step {step} + {delay:.2f}s"
+
+    def kill(proc):
+        time.sleep(delay)
+        kill_tree(proc)
+
+    run_until([*flags, *extra], tmp_path / "killed", marker, kill)
+    latest = latest_checkpoint(tmp_path / "runs" / "run" / "checkpoints")
+    launch(2, [*flags, "--resume", "auto"], tmp_path / "resumed")
+    print(f"trial {trial}: killed {label}; resumed from {latest.name if latest else 'nothing'}")
+    assert_resumed_bitwise(rank_results(tmp_path / "resumed", 2), ddp_straight)
