@@ -68,7 +68,8 @@ def evaluate(
         if n:  # a rank with only padding still runs the forward (ZeRO-3 gathers in it)
             batch = {k: v[:n] for k, v in batch.items()}
         batch_sums, pred = _batch_sums(model, batch, loss_fn, weights, names)
-        sums = batch_sums * n if sums is None else sums + batch_sums * n
+        contribution = batch_sums * n if n else torch.zeros_like(batch_sums)  # 0 * NaN is NaN
+        sums = contribution if sums is None else sums + contribution
         bad_B = ~_finite_per_sample(batch) & (n > 0)
         bad_count += bad_B.sum()
         bad_indices.append(batch["index"].to(bad_B.device)[bad_B])
