@@ -59,3 +59,31 @@ def test_zero_bf16_rollout_error_over_64_steps_is_within_2x_of_ddp_bf16():
         return out._replace(state=out.state.to(torch.bfloat16))
 
     assert _rmse(rollout_states(bf16_state, u0, STEPS), fp32) > 5 * ddp_error  # the test can fail
+
+
+def test_an_fp16_overflow_skip_updates_the_grad_scaler_so_the_next_step_runs():
+    """fp16 under DDP (GPUs) goes through a GradScaler. The old skip path returned before
+    `scaler.update()`, so the next step's `unscale_()` failed ("unscale_() has already been
+    called"). Real GradScaler (CPU device), the trainer's apply_or_discard."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from noa_dist.distributed import apply_or_discard
+
+    model = torch.nn.Linear(4, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    accelerator = SimpleNamespace(scaler=scaler, distributed_type=DistributedType.MULTI_GPU)
+    before = model.weight.detach().clone()
+    scaler.scale(model(torch.full((2, 4), 1e30)).sum() * 1e30).backward()  # overflows
+    scaler.unscale_(optimizer)
+    assert not all(torch.isfinite(p.grad).all() for p in model.parameters())
+    apply_or_discard(accelerator, model, optimizer, scheduler, applied=False)
+    assert scaler.get_scale() == 2.0**15 and torch.equal(model.weight, before)
+    scaler.scale(model(torch.ones(2, 4)).sum()).backward()
+    scaler.unscale_(optimizer)  # raised before the fix
+    scaler.step(optimizer)
+    scaler.update()
+    assert not torch.equal(model.weight, before)
