@@ -127,6 +127,36 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True)
+class AlignConfig:
+    """L = L_traj + lambda_commit * L_commit + lambda_latent * L_latent against a frozen VQ-VAE."""
+
+    vqvae_path: str | None = _doc(
+        "frozen VQ-VAE tokenizer folder (noa-train-vqvae); enables L_commit", default=None
+    )
+    vqvae_feature_policy: str = _doc(
+        "strict: refuse a tokenizer whose feature spec differs from the extractor's; pad: "
+        "zero-fill missing / drop extra features (loudly)",
+        default="strict",
+    )
+    lambda_commit: float = _doc("weight of L_commit (VQ manifold adherence)", default=0.5)
+    enable_latent_loss: bool = _doc(
+        "add L_latent: the NOA bottleneck, projected, matches the tokenizer's latent",
+        default=False,
+    )
+    lambda_latent: float = _doc("weight of L_latent", default=0.1)
+    latent_sample_steps: int = _doc(
+        "steps of the window whose bottleneck L_latent averages: 3 = first/middle/last, "
+        "N = N evenly spaced, -1 = all",
+        default=3,
+    )
+    latent_target: str = _doc(
+        "truth: z_e of the ground-truth window (default); pred: z_e of the prediction (the "
+        "prototype's moving target)",
+        default="truth",
+    )
+
+
+@dataclass(frozen=True)
 class TrackingConfig:
     wandb_mode: str = _doc(
         "online | offline | disabled | auto (online if credentials exist)", default="auto"
@@ -155,6 +185,7 @@ class Config:
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    align: AlignConfig = AlignConfig()
     tracking: TrackingConfig = TrackingConfig()
     debug: DebugConfig = DebugConfig()
 
@@ -174,6 +205,8 @@ CHOICES = {
     "tbptt_mode": ("last", "all-windows"),
     "mixed_precision": ("no", "bf16", "fp16"),
     "wandb_mode": ("auto", "online", "offline", "disabled"),
+    "vqvae_feature_policy": ("strict", "pad"),
+    "latent_target": ("truth", "pred"),
 }
 
 
@@ -230,14 +263,19 @@ def build_parser() -> argparse.ArgumentParser:
         argument_default=argparse.SUPPRESS,
     )
     parser.add_argument(
-        "--config", help="YAML file with sections data/model/optim/train/checkpoint/tracking/debug"
+        "--config", help=f"YAML file with sections {'/'.join(SECTIONS)}"
     )
     for section, cls in SECTIONS.items():
         group = parser.add_argument_group(section)
         for f in fields(cls):
             flags = {f"--{f.name.replace('_', '-')}", f"--{f.name}"}
+            switch = {"nargs": "?", "const": "true"} if _base_type(f.type) is bool else {}
             group.add_argument(
-                *sorted(flags), dest=f.name, metavar=f.name.upper(), help=f.metadata["help"]
+                *sorted(flags),
+                dest=f.name,
+                metavar=f.name.upper(),
+                help=f.metadata["help"],
+                **switch,  # a bool flag alone means true (`--enable-latent-loss`)
             )
     return parser
 
@@ -382,10 +420,25 @@ def config_problems(cfg: Config) -> list[str]:
             parse_nan_injections(cfg.debug.debug_inject_nan)
         except ValueError as exc:
             problems.append(str(exc))
+    problems += _align_problems(cfg)
     if cfg.checkpoint.resume is not None and cfg.checkpoint.init_from is not None:
         problems.append(
             "--resume and --init-from exclude each other (resume restores everything; init-from loads weights only)"
         )
+    return problems
+
+
+def _align_problems(cfg: Config) -> list[str]:
+    a, problems = cfg.align, []
+    for name in ("lambda_commit", "lambda_latent"):
+        if not getattr(a, name) >= 0:
+            problems.append(f"--{name.replace('_', '-')}: must be >= 0, got {getattr(a, name)}")
+    if a.latent_sample_steps == 0 or a.latent_sample_steps < -1:
+        problems.append(
+            f"--latent-sample-steps: expected N >= 1 or -1 (all), got {a.latent_sample_steps}"
+        )
+    if a.enable_latent_loss and a.vqvae_path is None:
+        problems.append("--enable-latent-loss needs --vqvae-path (the tokenizer gives its target)")
     return problems
 
 
