@@ -20,19 +20,18 @@ import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from noa_dist import distributed, faults
+from noa_dist import alignment, distributed, faults
 from noa_dist.checkpoint import load_weights
 from noa_dist.config import Config
 from noa_dist.data.dataset import WellWindowDataset, delta_scale
 from noa_dist.data.sampler import DistributedBatchSampler, ShardedEvalSampler
 from noa_dist.data.schema import load_stats
 from noa_dist.errors import ConfigError
-from noa_dist.losses import trajectory_mse
 from noa_dist.models.build import build_model
-from noa_dist.rollout import Window
 from noa_dist.schedule import build_scheduler
 from noa_dist.step import LossFn, StepSettings
 
+log = logging.getLogger("noa_dist")
 WORKER_IGNORED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 
 
@@ -68,7 +67,9 @@ class Built:
 def build(cfg: Config, accelerator: Accelerator, root: Path) -> Built:
     data = build_data(cfg, accelerator, root)
     total_steps = total_optimizer_steps(cfg, data.steps_per_epoch)
-    model = _bare_model(cfg, data.layout_source, root)
+    tokenizer = alignment.load_frozen_tokenizer(cfg, data.layout_source.n_channels)
+    latent_dim = tokenizer.latent_dim if cfg.align.enable_latent_loss else None
+    model = _bare_model(cfg, data.layout_source, root, latent_dim)
     n_params = sum(p.numel() for p in model.parameters())
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay
@@ -83,7 +84,12 @@ def build(cfg: Config, accelerator: Accelerator, root: Path) -> Built:
         accelerator, micro_batch_size=cfg.data.batch_size, gradient_clipping=cfg.optim.max_grad_norm
     )
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    val_loss_fn, weights = build_loss(cfg)
+    # the projector is called inside the loss: under ZeRO-3 its own forward hooks gather it
+    projector = accelerator.unwrap_model(model).projector
+    if tokenizer is not None:
+        tokenizer.to(accelerator.device)  # frozen, fp32, outside prepare: no collectives
+    val_loss_fn = alignment.build_loss_fn(cfg, tokenizer, projector)
+    weights = alignment.loss_weights(cfg)
     loss_fn = val_loss_fn
     if cfg.debug.debug_inject_nan:
         injections = faults.parse_nan_injections(cfg.debug.debug_inject_nan)
@@ -105,24 +111,19 @@ def total_optimizer_steps(cfg: Config, steps_per_epoch: int) -> int:
     return min(steps, cfg.train.max_steps) if cfg.train.max_steps else steps
 
 
-def build_loss(cfg: Config) -> tuple[LossFn, dict[str, float]]:
-    """The loss function (window, batch) -> unweighted terms, and the weight of each term."""
-
-    def loss_fn(window: Window, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        target_BTCHW = batch["target"][:, window.start : window.stop]
-        return {"traj": trajectory_mse(window.pred_BTCHW, target_BTCHW)}
-
-    return loss_fn, {"traj": 1.0}
-
-
 # ---------------------------------------------------------------- model
 
 
-def _bare_model(cfg: Config, train_set: WellWindowDataset, root: Path) -> torch.nn.Module:
-    """The U-AFNO, identical on every rank; from --init-from weights if given."""
+def _bare_model(
+    cfg: Config, train_set: WellWindowDataset, root: Path, latent_dim: int | None
+) -> torch.nn.Module:
+    """The U-AFNO (+ L_latent projector), identical on every rank; --init-from weights if given."""
     torch.manual_seed(cfg.train.seed)
     model = build_model(
-        cfg.model, in_channels=train_set.n_channels, cond_channels=train_set.n_cond_channels
+        cfg.model,
+        in_channels=train_set.n_channels,
+        cond_channels=train_set.n_cond_channels,
+        latent_dim=latent_dim,
     )
     scale = delta_scale(train_set.layout, load_stats(root))
     model.delta_scale.copy_(torch.from_numpy(scale))
@@ -132,7 +133,20 @@ def _bare_model(cfg: Config, train_set: WellWindowDataset, root: Path) -> torch.
 
 
 def _load_init_weights(model: torch.nn.Module, path: Path) -> None:
+    """The operator's weights from any checkpoint format; the L_latent projector too when both
+    sides have one (a fresh projector, loudly, when only this run has one)."""
     state_dict, _ = load_weights(path)
+    own = model.state_dict()
+    has_projector = any(k.startswith("projector.") for k in state_dict)
+    if model.projector is None:
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith("projector.")}
+    elif not has_projector:
+        log.warning(
+            "⚠⚠ WARNING: the checkpoint has no projector weights!\n"
+            "    Projector will restart from random initialization.\n"
+            "    L_latent training will be inconsistent with the checkpoint's training."
+        )
+        state_dict = {**{k: v for k, v in own.items() if k.startswith("projector.")}, **state_dict}
     try:
         model.load_state_dict(state_dict)
     except RuntimeError as err:
@@ -140,9 +154,7 @@ def _load_init_weights(model: torch.nn.Module, path: Path) -> None:
             f"--init-from {path}: the weights do not fit this model ({err}); "
             "use the model flags the weights were trained with"
         ) from None
-    logging.getLogger("noa_dist").info(
-        f"Initialised model weights from {path} (optimizer and schedule start fresh)"
-    )
+    log.info(f"Initialised model weights from {path} (optimizer and schedule start fresh)")
 
 
 # ---------------------------------------------------------------- data

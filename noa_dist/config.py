@@ -262,9 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Precedence: command line > --config YAML > defaults.",
         argument_default=argparse.SUPPRESS,
     )
-    parser.add_argument(
-        "--config", help=f"YAML file with sections {'/'.join(SECTIONS)}"
-    )
+    parser.add_argument("--config", help=f"YAML file with sections {'/'.join(SECTIONS)}")
     for section, cls in SECTIONS.items():
         group = parser.add_argument_group(section)
         for f in fields(cls):

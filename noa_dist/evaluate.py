@@ -18,7 +18,7 @@ from noa_dist import distributed
 from noa_dist.errors import DataError
 from noa_dist.losses import combine
 from noa_dist.metrics import persistence_prediction, vrmse
-from noa_dist.rollout import iter_windows
+from noa_dist.rollout import iter_windows, window_loss_weight
 from noa_dist.step import LossFn
 
 
@@ -50,8 +50,13 @@ def evaluate(
     loss_fn: LossFn,
     weights: dict[str, float],
     describe_sample: Callable[[int], str] = str,
+    window: int | None = None,
 ) -> ValResult:
     """Roll out every validation window; `n_real` = this rank's unpadded sample count.
+
+    The loss terms are computed on consecutive `window`-step pieces of the rollout (the
+    training loss's windows: a tokenizer is trained on windows of that length) and averaged
+    over all steps; the rollout itself runs through without a cut.
 
     Raises DataError on every rank when validation inputs or targets hold NaN/Inf: no metric
     means anything then (naming the samples with `describe_sample(dataset index)`).
@@ -67,7 +72,7 @@ def evaluate(
         seen += batch["u0"].shape[0]
         if n:  # a rank with only padding still runs the forward (ZeRO-3 gathers in it)
             batch = {k: v[:n] for k, v in batch.items()}
-        batch_sums, pred = _batch_sums(model, batch, loss_fn, weights, names)
+        batch_sums, pred = _batch_sums(model, batch, loss_fn, weights, names, window)
         contribution = batch_sums * n if n else torch.zeros_like(batch_sums)  # 0 * NaN is NaN
         sums = contribution if sums is None else sums + contribution
         bad_B = ~_finite_per_sample(batch) & (n > 0)
@@ -84,20 +89,24 @@ def evaluate(
     return _result(totals[:-1], names, example)
 
 
-def _batch_sums(model, batch, loss_fn: LossFn, weights: dict[str, float], names: list[str]):
+def _batch_sums(model, batch, loss_fn: LossFn, weights, names: list[str], window: int | None):
     """Batch means [terms..., total, nonfinite fraction, vrmse_1..T, persistence_1..T], rollout."""
     u0, target = batch["u0"], batch["target"]
     cond = batch["cond"] if batch["cond"].shape[1] > 0 else None
     n_steps = target.shape[1]
-    (window,) = iter_windows(lambda u: model(u, cond), u0, n_steps, None, "last")
-    terms = loss_fn(window, batch)
-    total = combine({k: terms[k] for k in names}, weights)
-    pred = window.pred_BTCHW
+    values, preds = None, []
+    for piece in iter_windows(lambda u: model(u, cond), u0, n_steps, window, "all-windows"):
+        terms = loss_fn(piece, batch)
+        total = combine({k: terms[k] for k in names}, weights)
+        row = torch.stack([*(terms[k].float() for k in names), total.float()])
+        row = row * window_loss_weight(piece, n_steps, "all-windows")
+        values = row if values is None else values + row
+        preds.append(piece.pred_BTCHW)
+    pred = torch.cat(preds, dim=1)
     nonfinite = (~torch.isfinite(pred).flatten(1).all(dim=1)).float().mean()
     model_vrmse = vrmse(pred, target).mean(dim=(0, 2))  # [T]
     base_vrmse = vrmse(persistence_prediction(u0, n_steps), target).mean(dim=(0, 2))
-    values = torch.stack([*(terms[k].float() for k in names), total.float(), nonfinite])
-    return torch.cat([values, model_vrmse, base_vrmse]), pred
+    return torch.cat([values, nonfinite.reshape(1), model_vrmse, base_vrmse]), pred
 
 
 def _finite_per_sample(batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -24,6 +24,7 @@ from noa_dist.checkpoint import (
     config_from_dict,
     load_weights,
     model_channels,
+    projector_dim,
 )
 from noa_dist.config import Config
 from noa_dist.errors import ConfigError, NoaError, OneLineErrorParser
@@ -47,14 +48,9 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike) -> Path:
             f"{ckpt}: holds no config, so the export could not be rebuilt into a model"
         )
     state_dict = {key: _fp32_cpu(value) for key, value in state_dict.items()}
-    in_channels, cond_channels = model_channels(state_dict)
-    _check_loads(state_dict, config_from_dict(config), in_channels, cond_channels, ckpt)
-    payload = {
-        "model": state_dict,
-        "config": config,
-        "source": str(ckpt),
-        "channels": {"in_channels": in_channels, "cond_channels": cond_channels},
-    }
+    channels = _channels(state_dict)
+    _check_loads(state_dict, config_from_dict(config), channels, ckpt)
+    payload = {"model": state_dict, "config": config, "source": str(ckpt), "channels": channels}
     _write(payload, out)
     return out
 
@@ -65,10 +61,16 @@ def load_exported(path: str | os.PathLike) -> tuple[UAFNO, Config]:
     if config is None:
         raise ConfigError(f"{path}: holds no config")
     cfg = config_from_dict(config)
-    in_channels, cond_channels = model_channels(state_dict)
-    model = build_model(cfg.model, in_channels=in_channels, cond_channels=cond_channels)
+    model = build_model(cfg.model, **_channels(state_dict))
     model.load_state_dict(state_dict)
     return model.eval(), cfg
+
+
+def _channels(state_dict: StateDict) -> dict[str, int | None]:
+    """build_model's size arguments read off the weights."""
+    in_channels, cond_channels = model_channels(state_dict)
+    latent_dim = projector_dim(state_dict)
+    return {"in_channels": in_channels, "cond_channels": cond_channels, "latent_dim": latent_dim}
 
 
 def _fp32_cpu(tensor: torch.Tensor) -> torch.Tensor:
@@ -76,10 +78,8 @@ def _fp32_cpu(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.float().contiguous() if tensor.is_floating_point() else tensor.contiguous()
 
 
-def _check_loads(
-    state_dict: StateDict, cfg: Config, in_channels: int, cond_channels: int, ckpt: Path
-) -> None:
-    model = build_model(cfg.model, in_channels=in_channels, cond_channels=cond_channels)
+def _check_loads(state_dict: StateDict, cfg: Config, channels: dict, ckpt: Path) -> None:
+    model = build_model(cfg.model, **channels)
     try:
         model.load_state_dict(state_dict)
     except RuntimeError as err:

@@ -1,23 +1,14 @@
 """Training losses as pure functions of tensors: no modules, no state, no distributed code.
 
 Each term is a scalar tensor with its graph; `combine` weights them into the total that
-backward() sees, and `loss_terms` also returns detached copies for logging. Later terms
-(L_commit, L_latent) are new functions here and new keys in the same dicts.
+backward() sees. The trainer's loss function (build.py) returns them by name: traj, commit,
+latent.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch.nn.functional as F
 from torch import Tensor
-
-
-class LossTerms(NamedTuple):
-    """The weighted total (with graph) and each unweighted term (detached, for logging)."""
-
-    total: Tensor
-    terms: dict[str, Tensor]
 
 
 def trajectory_mse(pred_BTCHW: Tensor, target_BTCHW: Tensor) -> Tensor:
@@ -47,7 +38,20 @@ def combine(terms: dict[str, Tensor], weights: dict[str, float]) -> Tensor:
     return sum(weights[name] * term for name, term in terms.items())
 
 
-def loss_terms(terms: dict[str, Tensor], weights: dict[str, float]) -> LossTerms:
-    """`combine` plus detached copies of the unweighted terms (no host sync)."""
-    detached = {name: term.detach() for name, term in terms.items()}
-    return LossTerms(total=combine(terms, weights), terms=detached)
+def commitment_loss(z_e: Tensor, z_q: Tensor) -> Tensor:
+    """L_commit = mean (z_e - sg[z_q])^2: the prediction's tokenizer latent stays near its
+    nearest codes (gradient into z_e only; the frozen tokenizer's codebook is not trained)."""
+    return F.mse_loss(z_e.float(), z_q.detach().float())
+
+
+def latent_alignment_loss(projected_BD: Tensor, target_BD: Tensor) -> Tensor:
+    """L_latent = mean ||P(h) - sg[z_e(target)]||^2 / D over the batch."""
+    return F.mse_loss(projected_BD.float(), target_BD.detach().float())
+
+
+def sampled_steps(n_steps: int, k: int) -> list[int]:
+    """Which steps of a window L_latent averages: 3 = first/middle/last, N evenly spaced,
+    -1 = all (the seed's --latent-sample-steps)."""
+    if k == -1 or k >= n_steps:
+        return list(range(n_steps))
+    return sorted({round(i * (n_steps - 1) / max(k - 1, 1)) for i in range(k)})

@@ -29,6 +29,9 @@ REFUSED = {
     "timesteps": "changes the samples",
     "window_stride": "changes the samples",
     "seed": "changes the data order",
+    "enable_latent_loss": "adds or removes the projector's parameters and optimizer state; "
+    "to start aligning from these weights use --init-from",
+    "vqvae_path": "changes the tokenizer the loss was computed against",
 }
 IGNORED = (
     "resume",

@@ -226,6 +226,7 @@ class Trainer:
             self.built.val_loss_fn,
             self.built.step_settings.loss_weights,
             describe_sample=self.data.describe_val_sample,
+            window=self.cfg.train.bptt_window,
         )
         st = self.state
         improved = val.nonfinite_samples == 0 and val.loss < st.best_val_loss

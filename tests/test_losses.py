@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from noa_dist.losses import combine, loss_terms, trajectory_mse
+from noa_dist.losses import (
+    combine,
+    commitment_loss,
+    latent_alignment_loss,
+    sampled_steps,
+    trajectory_mse,
+)
 
 
 def test_trajectory_mse_is_the_mean_over_every_element():
@@ -43,8 +49,21 @@ def test_combine_rejects_unweighted_and_non_scalar_terms():
         combine({"traj": torch.ones(2)}, {"traj": 1.0})
 
 
-def test_loss_terms_returns_graph_total_and_detached_terms():
-    x = torch.ones((), requires_grad=True)
-    result = loss_terms({"traj": x * 3}, {"traj": 2.0})
-    assert result.total.requires_grad and not result.terms["traj"].requires_grad
-    assert result.total == 6.0 and result.terms["traj"] == 3.0
+def test_commitment_and_latent_losses_send_gradient_to_the_prediction_side_only():
+    z_e = torch.randn(4, 8, requires_grad=True)
+    z_q = torch.randn(4, 8, requires_grad=True)
+    commitment_loss(z_e, z_q).backward()
+    assert z_e.grad is not None and z_q.grad is None
+    projected, target = torch.randn(4, 8, requires_grad=True), torch.randn(4, 8, requires_grad=True)
+    loss = latent_alignment_loss(projected, target)
+    loss.backward()
+    torch.testing.assert_close(loss, ((projected - target) ** 2).mean())
+    assert projected.grad is not None and target.grad is None
+
+
+def test_sampled_steps_are_first_middle_last_evenly_spaced_or_all():
+    assert sampled_steps(32, 3) == [0, 16, 31] or sampled_steps(32, 3) == [0, 15, 31]
+    assert sampled_steps(9, 3) == [0, 4, 8]
+    assert sampled_steps(9, 5) == [0, 2, 4, 6, 8]
+    assert sampled_steps(4, -1) == sampled_steps(4, 8) == [0, 1, 2, 3]
+    assert sampled_steps(1, 3) == [0]

@@ -32,6 +32,7 @@ from noa_dist.checkpoint.formats import (
     load_safetensors,
     load_weights,
     model_channels,
+    projector_dim,
     read_trainer_state,
     step_folder,
 )
@@ -80,6 +81,7 @@ __all__ = [
     "loads_state",
     "lock_run_dir",
     "model_channels",
+    "projector_dim",
     "probe_writable",
     "read_trainer_state",
     "resolve_resume",

@@ -147,6 +147,12 @@ def model_channels(state_dict: StateDict) -> tuple[int, int]:
         raise DataError("weights: no head.weight / stem.weight of a U-AFNO model") from None
 
 
+def projector_dim(state_dict: StateDict) -> int | None:
+    """The latent size of the L_latent projector in U-AFNO weights (None: none was trained)."""
+    last = state_dict.get("projector.mlp.3.weight")
+    return None if last is None else int(last.shape[0])
+
+
 # ---------------------------------------------------------------- formats
 
 

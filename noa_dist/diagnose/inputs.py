@@ -13,7 +13,13 @@ from pathlib import Path
 import torch
 
 from noa_dist import checkpoint
-from noa_dist.checkpoint import checkpoint_kind, config_from_dict, load_weights, step_folder
+from noa_dist.checkpoint import (
+    checkpoint_kind,
+    config_from_dict,
+    load_weights,
+    projector_dim,
+    step_folder,
+)
 from noa_dist.config import Config
 from noa_dist.data.dataset import WellWindowDataset
 from noa_dist.diagnose.result import ConfigItem, Settings, TrainedWith
@@ -147,7 +153,10 @@ def load_model(
 ) -> torch.nn.Module:
     """The checkpoint's model; weights that do not fit the data are a ConfigError."""
     model = build_model(
-        cfg.model, in_channels=dataset.n_channels, cond_channels=dataset.n_cond_channels
+        cfg.model,
+        in_channels=dataset.n_channels,
+        cond_channels=dataset.n_cond_channels,
+        latent_dim=projector_dim(state_dict),
     )
     try:
         model.load_state_dict(state_dict)

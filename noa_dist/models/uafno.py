@@ -78,6 +78,26 @@ class ResidualBlock(nn.Module):
         return self.skip(x_BCHW) + self.body(x_BCHW)
 
 
+class LatentProjector(nn.Module):
+    """Bottleneck features -> the tokenizer's latent space, for L_latent.
+
+    Global average pool -> Linear -> LayerNorm -> GELU -> Linear. LayerNorm, not BatchNorm:
+    a sample's projection must not depend on the rest of its (per-GPU, often tiny) batch.
+    """
+
+    def __init__(self, channels: int, latent_dim: int) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(channels, channels),
+            nn.LayerNorm(channels),
+            nn.GELU(),
+            nn.Linear(channels, latent_dim),
+        )
+
+    def forward(self, h_BCHW: Tensor) -> Tensor:
+        return self.mlp(h_BCHW.float().mean(dim=(-2, -1)).to(self.mlp[0].weight.dtype)).float()
+
+
 def periodic_upsample2x(x_BCHW: Tensor) -> Tensor:
     """Bilinear x2 upsampling that wraps around the edges instead of clamping them."""
     padded = F.pad(x_BCHW, (1, 1, 1, 1), mode="circular")
@@ -122,6 +142,7 @@ class UAFNO(nn.Module):
         afno_num_blocks: int = 8,
         channel_cap_factor: int = 8,
         predict_delta: bool = True,
+        latent_dim: int | None = None,
     ) -> None:
         super().__init__()
         out_channels = in_channels if out_channels is None else out_channels
@@ -154,6 +175,8 @@ class UAFNO(nn.Module):
             for c_below, c_skip in zip(below_widths, skip_widths, strict=True)
         )
         self.head = nn.Conv2d(widths[0], out_channels, 1)
+        # L_latent's projector (`projector.*` in the state dict) when the run aligns latents
+        self.projector = None if latent_dim is None else LatentProjector(widths[-1], latent_dim)
         # Typical size of one step's change per channel (std of frame differences over std of
         # the field, from the data's stats); the head predicts the increment in these units,
         # so small per-step changes are not drowned by the state's own scale. Saved with the weights.
