@@ -76,6 +76,7 @@ def check_window_length(cfg: Config, trained_on: int) -> None:
 def build_loss_fn(cfg: Config, tokenizer, projector: torch.nn.Module | None) -> LossFn:
     """(window, batch) -> the unweighted terms `loss_weights(cfg)` names."""
     latent = cfg.align.enable_latent_loss
+    commit_dims = tokenizer.commit_mask if tokenizer is not None else None
 
     def loss_fn(window: Window, batch: Batch) -> dict[str, Tensor]:
         target_BTCHW = batch["target"][:, window.start : window.stop]
@@ -84,7 +85,8 @@ def build_loss_fn(cfg: Config, tokenizer, projector: torch.nn.Module | None) -> 
             return terms
         z_e = tokenizer.encode_window(window.pred_BTCHW, window.input_BCHW)
         z_q, _ = tokenizer.quantize(z_e)
-        terms["commit"] = commitment_loss(z_e, z_q)
+        differentiable = commit_dims.to(z_e.device)  # INITIAL features carry no gradient
+        terms["commit"] = commitment_loss(z_e[:, differentiable], z_q[:, differentiable])
         if latent:
             terms["latent"] = latent_alignment_loss(
                 projector(_sampled_bottleneck(window, cfg.align.latent_sample_steps)),

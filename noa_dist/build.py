@@ -62,6 +62,7 @@ class Built:
     step_settings: StepSettings
     n_params: int
     total_steps: int
+    tokenizer: object | None = None  # the frozen VQ-VAE (noa_dist.tokenizer.FrozenTokenizer)
 
 
 def build(cfg: Config, accelerator: Accelerator, root: Path) -> Built:
@@ -101,7 +102,16 @@ def build(cfg: Config, accelerator: Accelerator, root: Path) -> Built:
         loss_weights=weights,
     )
     return Built(
-        data, model, optimizer, scheduler, loss_fn, val_loss_fn, settings, n_params, total_steps
+        data,
+        model,
+        optimizer,
+        scheduler,
+        loss_fn,
+        val_loss_fn,
+        settings,
+        n_params,
+        total_steps,
+        tokenizer,
     )
 
 

@@ -2,8 +2,8 @@
 
 Each rank sees an equal number of batches (the eval sampler pads; padded samples are left
 out of every sum), so model calls that gather parameters (ZeRO-3) never deadlock. The loss
-terms come from the training loss function over one window spanning the whole rollout.
-Sums stay on the device until the single all-reduce at the end.
+terms come from the training loss function, on the training loss's window length. Sums stay
+on the device until the single all-reduce at the end.
 """
 
 from __future__ import annotations
@@ -30,6 +30,9 @@ class ValResult:
     n_samples: int
     nonfinite_samples: int = 0  # samples whose rollout went NaN/Inf (model diverged)
     example: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+    # per tokenizer codebook, over the predicted windows (empty without a tokenizer)
+    token_utilization: list[float] = field(default_factory=list)  # fraction of codes used
+    token_perplexity: list[float] = field(default_factory=list)  # exp(entropy of code use)
 
     @property
     def loss(self) -> float:
@@ -51,12 +54,17 @@ def evaluate(
     weights: dict[str, float],
     describe_sample: Callable[[int], str] = str,
     window: int | None = None,
+    tokenizer=None,
 ) -> ValResult:
     """Roll out every validation window; `n_real` = this rank's unpadded sample count.
 
     The loss terms are computed on consecutive `window`-step pieces of the rollout (the
     training loss's windows: a tokenizer is trained on windows of that length) and averaged
-    over all steps; the rollout itself runs through without a cut.
+    over all steps (each piece starts from the previous piece's last predicted state, so the
+    rollout is the same as uncut).
+
+    With a tokenizer, the codes of the predicted windows give each codebook's utilization
+    and perplexity (how many behaviours the model's rollouts visit).
 
     Raises DataError on every rank when validation inputs or targets hold NaN/Inf: no metric
     means anything then (naming the samples with `describe_sample(dataset index)`).
@@ -66,13 +74,14 @@ def evaluate(
     names = list(weights)
     sums, seen, example = None, 0, None
     bad_count, bad_indices = torch.zeros((), device=accelerator.device), []
+    histogram = CodeHistogram(tokenizer, accelerator.device)
     for batch in loader:
         batch = distributed.batch_to_device(accelerator, batch)
         n = max(0, min(batch["u0"].shape[0], n_real - seen))  # padding rows come last
         seen += batch["u0"].shape[0]
         if n:  # a rank with only padding still runs the forward (ZeRO-3 gathers in it)
             batch = {k: v[:n] for k, v in batch.items()}
-        batch_sums, pred = _batch_sums(model, batch, loss_fn, weights, names, window)
+        batch_sums, pred = _batch_sums(model, batch, loss_fn, weights, names, window, histogram, n)
         contribution = batch_sums * n if n else torch.zeros_like(batch_sums)  # 0 * NaN is NaN
         sums = contribution if sums is None else sums + contribution
         bad_B = ~_finite_per_sample(batch) & (n > 0)
@@ -86,10 +95,12 @@ def evaluate(
     # ^ sync point: once per validation
     if totals[-1] > 0:
         _raise_bad_data(accelerator, torch.cat(bad_indices).tolist(), describe_sample)
-    return _result(totals[:-1], names, example)
+    result = _result(totals[:-1], names, example)
+    result.token_utilization, result.token_perplexity = histogram.reduce(accelerator)
+    return result
 
 
-def _batch_sums(model, batch, loss_fn: LossFn, weights, names: list[str], window: int | None):
+def _batch_sums(model, batch, loss_fn: LossFn, weights, names, window, histogram, n_real: int):
     """Batch means [terms..., total, nonfinite fraction, vrmse_1..T, persistence_1..T], rollout."""
     u0, target = batch["u0"], batch["target"]
     cond = batch["cond"] if batch["cond"].shape[1] > 0 else None
@@ -102,6 +113,8 @@ def _batch_sums(model, batch, loss_fn: LossFn, weights, names: list[str], window
         row = row * window_loss_weight(piece, n_steps, "all-windows")
         values = row if values is None else values + row
         preds.append(piece.pred_BTCHW)
+        if n_real:
+            histogram.add(piece)
     pred = torch.cat(preds, dim=1)
     nonfinite = (~torch.isfinite(pred).flatten(1).all(dim=1)).float().mean()
     model_vrmse = vrmse(pred, target).mean(dim=(0, 2))  # [T]
@@ -140,3 +153,34 @@ def _raise_bad_data(accelerator: Accelerator, local: list[int], describe: Callab
         f"the validation split holds NaN/Inf in {len(indices)} sample(s): {shown}{more}; "
         "no validation metric can be computed. Find and fix them with `noa-data check ROOT`"
     )
+
+
+class CodeHistogram:
+    """How often each code of each tokenizer codebook is chosen for predicted windows."""
+
+    def __init__(self, tokenizer, device: torch.device) -> None:
+        self.tokenizer = tokenizer
+        sizes = tokenizer.codebook_sizes if tokenizer is not None else []
+        self.counts = [torch.zeros(k, device=device) for k in sizes]
+
+    def add(self, piece) -> None:
+        if self.tokenizer is None or piece.stop - piece.start != self.tokenizer.window_length:
+            return
+        _, codes_BK = self.tokenizer.quantize(
+            self.tokenizer.encode_window(piece.pred_BTCHW, piece.input_BCHW)
+        )
+        for k, counts in enumerate(self.counts):
+            counts += torch.bincount(codes_BK[:, k], minlength=counts.numel()).to(counts.dtype)
+
+    def reduce(self, accelerator: Accelerator) -> tuple[list[float], list[float]]:
+        """(utilization, perplexity) per codebook over all ranks. # sync point (rare: validation)"""
+        if not self.counts:
+            return [], []
+        flat = distributed.sum_across_ranks(accelerator, torch.cat(self.counts)).cpu()
+        utilization, perplexity = [], []
+        for counts in torch.split(flat, [c.numel() for c in self.counts]):
+            p = counts / counts.sum().clamp(min=1)
+            entropy = -(p[p > 0] * p[p > 0].log()).sum()
+            utilization.append(float((counts > 0).float().mean()))
+            perplexity.append(float(entropy.exp()))
+        return utilization, perplexity

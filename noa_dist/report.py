@@ -138,6 +138,14 @@ def epoch_summary(train_terms: dict[str, float], val, seconds: float, improved: 
         f"vrmse@1={val.vrmse_per_step[0]:.4f} (persistence {val.persistence_vrmse_per_step[0]:.4f}) "
         f"vrmse@{len(val.vrmse_per_step)}={val.vrmse_per_step[-1]:.4f}{best}"
     )
+    if val.token_utilization:
+        log.info(
+            "  Tokens: utilization "
+            + " ".join(f"{u:.0%}" for u in val.token_utilization)
+            + " perplexity "
+            + " ".join(f"{p:.1f}" for p in val.token_perplexity)
+            + " (per codebook, predicted windows)"
+        )
     if val.nonfinite_samples:
         log.warning(
             f"  Warning: the model's rollout is NaN/Inf on {val.nonfinite_samples} of "

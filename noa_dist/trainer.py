@@ -227,6 +227,7 @@ class Trainer:
             self.built.step_settings.loss_weights,
             describe_sample=self.data.describe_val_sample,
             window=self.cfg.train.bptt_window,
+            tokenizer=self.built.tokenizer,
         )
         st = self.state
         improved = val.nonfinite_samples == 0 and val.loss < st.best_val_loss
@@ -270,6 +271,11 @@ class Trainer:
                 "epoch": self.state.epoch,
             }
         )
+        for k, (used, perplexity) in enumerate(
+            zip(val.token_utilization, val.token_perplexity, strict=True)
+        ):
+            metrics[f"val/token_utilization_{k}"] = used
+            metrics[f"val/token_perplexity_{k}"] = perplexity
         for k, (m, p) in enumerate(
             zip(val.vrmse_per_step, val.persistence_vrmse_per_step, strict=True), start=1
         ):
