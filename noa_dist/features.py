@@ -159,8 +159,8 @@ def trajectory_features(
     frames_BTCF, aux_BTC = _frame_features(states.reshape(B * T, C, H, W), config)
     frames_BTCF = frames_BTCF.reshape(B, T, C, -1)
     energy_BTC = aux_BTC.reshape(B, T, C)
+    u0 = input_BCHW.detach().float()  # the window's start: a constant for every feature
     with torch.no_grad():
-        u0 = input_BCHW.float()
         initial_BCF, energy0_BC = _frame_features(u0, config)
     temporal_BTF = frames_BTCF.reshape(B, T, -1)
     summary_BCF = _summary(

@@ -16,17 +16,18 @@ import os
 import shlex
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from noa_dist import distributed, report, tracking
 from noa_dist.errors import ConfigError, NoaError, OneLineErrorParser, user_message
-from noa_dist.features import CATEGORIES, FeatureConfig, feature_specs
+from noa_dist.features import CATEGORIES, FeatureConfig, FeatureSpec, feature_specs
 from noa_dist.models.vqvae import FeatureVQVAE, VQVAEConfig
 from noa_dist.tokenizer import data
 from noa_dist.tokenizer.artifact import is_artifact, write_artifact
-from noa_dist.tokenizer.normalize import FeatureScaler, fit_normalization
+from noa_dist.tokenizer.normalize import FeatureScaler, Normalization, fit_normalization
 from noa_dist.tokenizer.spec import build_spec
 from noa_dist.tokenizer.train import LoopSettings, check_codebooks_agree, fit
 
@@ -34,7 +35,11 @@ log = report.log
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineErrorParser(prog="noa-train-vqvae", description=__doc__.split("\n\n")[0])
+    p = OneLineErrorParser(
+        prog="noa-train-vqvae",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     a = p.add_argument
     a("--dataset", required=True, type=Path, help="Well-format dataset root (train + valid)")
     a(
@@ -47,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--window",
         type=int,
         default=16,
-        help="states per window W: the window the NOA loss sees, i.e. the trainer's --bptt-window (its --timesteps without TBPTT); default 16",
+        help="states per window W: the window the NOA loss sees, i.e. the trainer's --bptt-window (its --timesteps without TBPTT)",
     )
     a(
         "--window-stride",
@@ -57,10 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a("--n-samples", type=int, default=None, help="use only the first N training windows")
     a("--val-samples", type=int, default=None, help="use only the first N validation windows")
-    a("--epochs", type=int, default=30)
+    a("--epochs", type=int, default=30, help="passes over the training windows")
     a("--batch-size", type=int, default=128, help="windows per process per step")
     a("--lr", type=float, default=1e-3, help="AdamW learning rate")
-    a("--weight-decay", type=float, default=0.0)
+    a("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     a(
         "--codebook-size",
         default="64",
@@ -79,10 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--std-floor", type=float, default=1e-4, help="floor on a feature's std in normalisation")
     a("--clip", type=float, default=10.0, help="normalised features are clipped to +-clip")
     a("--num-workers", type=int, default=0, help="DataLoader workers while computing features")
-    a("--seed", type=int, default=0)
+    a("--seed", type=int, default=0, help="seed for weights and data order")
     a("--overwrite", action="store_true", help="replace an existing tokenizer at --out")
     a("--wandb-mode", default="auto", help="online | offline | disabled | auto")
-    a("--wandb-project", default="noa-dist-tokenizer")
+    a("--wandb-project", default="noa-dist-tokenizer", help="W&B project")
     a(
         "--wandb-dir",
         type=Path,
@@ -138,66 +143,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> None:
         gradient_accumulation_steps=1, mixed_precision="no", log_with=tracking.log_with(mode)
     )
     distributed.check_world(accelerator)
-    rank, world, is_main = (
-        accelerator.process_index,
-        accelerator.num_processes,
-        accelerator.is_main_process,
-    )
-    config = FeatureConfig()
-    open_split = lambda split, n, equal: data.open_split(  # noqa: E731
-        args.dataset,
-        split,
-        window=args.window,
-        stride=args.window_stride,
-        n_samples=n,
-        rank=rank,
-        world_size=world,
-        equal_shards=equal,
-    )
-    train_src = distributed.run_agreed(
-        accelerator, lambda: open_split("train", args.n_samples, True)
-    )
-    valid_src = distributed.run_agreed(
-        accelerator, lambda: open_split("valid", args.val_samples, False)
-    )
-    ds = train_src.dataset
-    specs = feature_specs(ds.n_channels, args.window, config)
-    names = [s.name for s in specs]
-    dt = data.frame_dt(ds)
-    log.info(
-        f"noa-train-vqvae: {args.dataset}, window W={args.window}, {world} process(es); "
-        f"{len(specs)} features per window ({_per_category(specs)}), channels "
-        f"{list(ds.layout.predicted)}, dt={dt:g}"
-    )
-    extract = lambda src, label: data.extract_features(  # noqa: E731
-        src,
-        dt=dt,
-        config=config,
-        n_features=len(specs),
-        num_workers=args.num_workers,
-        label=label,
-        is_main=is_main,
-    )
-    train_raw, valid_raw = extract(train_src, "train"), extract(valid_src, "valid")
-    t_features = time.perf_counter() - start
-    reduce = lambda t: distributed.sum_across_ranks(accelerator, t.to(accelerator.device)).cpu()  # noqa: E731
-    norm = fit_normalization(
-        train_raw, names, std_floor=args.std_floor, clip=args.clip, sum_across_ranks=reduce
-    )
-    if norm.dropped:
-        log.info(
-            f"  dropped {len(norm.dropped)} zero-variance feature(s): {', '.join(norm.dropped)}"
-        )
-    scaler = FeatureScaler(norm, names)
-    train_x, valid_x = scaler(train_raw), scaler(valid_raw)
-    kept = norm.kept(names)
-    dims = tuple(sum(1 for i in kept if specs[i].category == c) for c in CATEGORIES)
-    if min(dims) < 1:
-        raise ConfigError(
-            f"no feature left in a category after dropping zero-variance ones: {dict(zip(CATEGORIES, dims, strict=True))}"
-        )
+    prepared = _prepare(accelerator, args)
     model_cfg = VQVAEConfig(
-        input_dims=dims,
+        input_dims=prepared.input_dims,
         codebook_sizes=codebook_sizes(args.codebook_size),
         code_dim=args.code_dim,
         hidden=args.hidden,
@@ -206,13 +154,11 @@ def run(args: argparse.Namespace, argv: list[str]) -> None:
         dead_code_threshold=args.dead_code_threshold,
     )
     torch.manual_seed(args.seed)
-    model = FeatureVQVAE(model_cfg, sync_codebook=world > 1)  # after the process group exists
+    model = FeatureVQVAE(model_cfg, sync_codebook=accelerator.num_processes > 1)  # after init
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
-    run_config = {
-        **{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "world_size": world,
-    }
+    run_config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    run_config["world_size"] = accelerator.num_processes
     tracking.start_run(
         accelerator,
         project=args.wandb_project,
@@ -222,53 +168,130 @@ def run(args: argparse.Namespace, argv: list[str]) -> None:
         mode=mode,
     )
     log.info(
-        f"  model: latent_dim {model_cfg.latent_dim}, codebooks {list(model_cfg.codebook_sizes)}, {train_x.shape[0]} training windows per process"
+        f"  model: latent_dim {model_cfg.latent_dim}, codebooks {list(model_cfg.codebook_sizes)}, "
+        f"{prepared.train_x.shape[0]} training windows per process"
     )
-    on_epoch = lambda epoch, rec: tracking.log_metrics(accelerator, _wandb_record(rec), step=epoch)  # noqa: E731
     history = fit(
         accelerator,
         model,
         optimizer,
-        train_x,
-        valid_x,
+        prepared.train_x,
+        prepared.valid_x,
         LoopSettings(args.epochs, args.batch_size, args.seed),
-        on_epoch,
+        lambda epoch, rec: tracking.log_metrics(accelerator, _wandb_record(rec), step=epoch),
     )
     bare = accelerator.unwrap_model(model)
     check_codebooks_agree(accelerator, bare)
-    wall = time.perf_counter() - start
-    if is_main:
-        training = {
-            "command": shlex.join(["noa-train-vqvae", *argv]),
-            "args": run_config,
-            "dataset": str(Path(args.dataset).resolve()),
-            "n_train_windows": train_src.n_total,
-            "n_valid_windows": valid_src.n_total,
-        }
-        spec = build_spec(
-            specs=specs,
-            window_length=args.window,
-            dt=dt,
-            channel_names=list(ds.layout.predicted),
-            grid=ds.spatial_shape,
-            feature_config=config,
-            normalization=norm,
-            model=model_cfg,
-            training=training,
-        )
+    if accelerator.is_main_process:
+        wall = time.perf_counter() - start
+        spec = _spec(args, argv, prepared, model_cfg, run_config)
         metrics = {
             "final": history[-1]["valid"],
             "history": history,
             "wall_time_s": wall,
-            "feature_time_s": t_features,
-            "world_size": world,
+            "feature_time_s": prepared.seconds,
+            "world_size": accelerator.num_processes,
         }
         write_artifact(args.out, spec, bare.state_dict(), metrics)
-        log.info(
-            _final_lines(args.out, history[-1]["valid"], wall, tracking.run_location(accelerator))
-        )
+        location = tracking.run_location(accelerator)
+        log.info(_final_lines(args.out, history[-1]["valid"], wall, location))
     tracking.finish(accelerator)
     distributed.shutdown(accelerator)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """The normalised features of this rank's windows and what the spec records of them."""
+
+    train: data.WindowSource
+    valid: data.WindowSource
+    specs: list[FeatureSpec]
+    dt: float
+    normalization: Normalization
+    train_x: torch.Tensor
+    valid_x: torch.Tensor
+    input_dims: tuple[int, ...]
+    seconds: float
+
+
+def _prepare(accelerator, args: argparse.Namespace) -> Prepared:
+    """Open both splits (every rank agrees on errors), compute this rank's features, fit the
+    normalisation on the train split of all ranks and apply it."""
+    start = time.perf_counter()
+    rank, world = accelerator.process_index, accelerator.num_processes
+
+    def open_split(split: str, n_samples: int | None, equal: bool) -> data.WindowSource:
+        return data.open_split(
+            args.dataset, split, window=args.window, stride=args.window_stride,
+            n_samples=n_samples, rank=rank, world_size=world, equal_shards=equal,
+        )  # fmt: skip
+
+    train = distributed.run_agreed(accelerator, lambda: open_split("train", args.n_samples, True))
+    valid = distributed.run_agreed(
+        accelerator, lambda: open_split("valid", args.val_samples, False)
+    )
+    ds, config = train.dataset, FeatureConfig()
+    specs, dt = feature_specs(ds.n_channels, args.window, config), data.frame_dt(train.dataset)
+    names = [s.name for s in specs]
+    log.info(
+        f"noa-train-vqvae: {args.dataset}, window W={args.window}, {world} process(es); "
+        f"{len(specs)} features per window ({_per_category(specs)}), channels "
+        f"{list(ds.layout.predicted)}, dt={dt:g}"
+    )
+    raw = [
+        data.extract_features(
+            source,
+            dt=dt,
+            config=config,
+            n_features=len(specs),
+            num_workers=args.num_workers,
+            label=source.dataset.split,
+            is_main=accelerator.is_main_process,
+        )  # fmt: skip
+        for source in (train, valid)
+    ]
+    reduce = lambda t: distributed.sum_across_ranks(accelerator, t.to(accelerator.device)).cpu()  # noqa: E731
+    norm = fit_normalization(
+        raw[0], names, std_floor=args.std_floor, clip=args.clip, sum_across_ranks=reduce
+    )
+    if norm.dropped:
+        log.info(
+            f"  dropped {len(norm.dropped)} zero-variance feature(s): {', '.join(norm.dropped)}"
+        )
+    kept = norm.kept(names)
+    dims = tuple(sum(1 for i in kept if specs[i].category == c) for c in CATEGORIES)
+    if min(dims) < 1:
+        left = dict(zip(CATEGORIES, dims, strict=True))
+        raise ConfigError(f"a category has no feature left after dropping constant ones: {left}")
+    scaler = FeatureScaler(norm, names)
+    seconds = time.perf_counter() - start
+    return Prepared(train, valid, specs, dt, norm, scaler(raw[0]), scaler(raw[1]), dims, seconds)
+
+
+def _spec(args, argv, prepared: Prepared, model_cfg: VQVAEConfig, run_config) -> dict:
+    ds = prepared.train.dataset
+    training = {
+        "command": shlex.join(["noa-train-vqvae", *argv]),
+        "args": run_config,
+        "dataset": str(Path(args.dataset).resolve()),
+        "n_train_windows": prepared.train.n_total,
+        "n_valid_windows": prepared.valid.n_total,
+    }
+    return build_spec(
+        specs=prepared.specs,
+        window_length=args.window,
+        dt=prepared.dt,
+        channel_names=list(ds.layout.predicted),
+        channel_stats={
+            "mean": ds.norm.mean_predicted.tolist(),
+            "std": ds.norm.std_predicted.tolist(),
+        },
+        grid=ds.spatial_shape,
+        feature_config=FeatureConfig(),
+        normalization=prepared.normalization,
+        model=model_cfg,
+        training=training,
+    )
 
 
 def _per_category(specs) -> str:

@@ -1,7 +1,9 @@
 """A tokenizer's spec (`spec.json`): everything needed to rebuild it and to check that the live
 feature extractor still computes the features it was trained on.
 
-Keys: format, version; window_length, dt, n_channels, channel_names, grid; feature_config;
+Keys: format, version; window_length, dt, n_channels, channel_names, grid; channel_stats
+(the stats.yaml mean/std the fields were normalised with: the units the features expect);
+feature_config;
 features {names, categories, channels, differentiable} in the extractor's order;
 normalization {mean, std, dropped, std_floor, clip} per feature; model (VQVAEConfig plus
 categories, latent_dim); training (provenance: command, dataset, epochs; not hashed);
@@ -44,6 +46,7 @@ def build_spec(
     window_length: int,
     dt: float,
     channel_names: list[str],
+    channel_stats: dict[str, list[float]],
     grid: tuple[int, ...],
     feature_config: FeatureConfig,
     normalization: Normalization,
@@ -57,6 +60,7 @@ def build_spec(
         "dt": dt,
         "n_channels": len(channel_names),
         "channel_names": list(channel_names),
+        "channel_stats": channel_stats,
         "grid": list(grid),
         "feature_config": feature_config.to_dict(),
         "features": feature_table(specs),
