@@ -187,4 +187,5 @@ from dist_runs import (  # noqa: E402,F401 (launches shared by several modules)
     ddp_reference,
     ddp_straight,
     tiny_dataset,
+    tiny_tokenizer,
 )

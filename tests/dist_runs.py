@@ -76,3 +76,41 @@ def ddp_straight(tiny_dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("straight")
     launch(2, train_flags(tiny_dataset, out / "runs", "--epochs", "2"), out)
     return rank_results(out, 2)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_dataset, tmp_path_factory):
+    """A tokenizer for the tiny dataset's 2-step loss windows, trained by the real CLI."""
+    import subprocess
+    import sys
+
+    from trainrun import REPO, env_for_test
+
+    out = tmp_path_factory.mktemp("tokenizer") / "tok"
+    cmd = [
+        sys.executable,
+        "-m",
+        "noa_dist.tokenizer",
+        "--dataset",
+        str(tiny_dataset),
+        "--out",
+        str(out),
+        "--window",
+        "2",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "4",
+        "--codebook-size",
+        "8",
+        "--wandb-mode",
+        "disabled",
+    ]
+    res = subprocess.run(
+        cmd, cwd=REPO, env=env_for_test(out.parent), capture_output=True, text=True, timeout=300
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return out
+
+
+ALIGN_FLAGS = ["--lambda-commit", "0.5", "--enable-latent-loss", "--lambda-latent", "0.3"]
