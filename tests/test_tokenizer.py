@@ -314,3 +314,14 @@ def test_fields_normalised_with_other_stats_are_refused(trained, dataset):
     tok.check_channel_stats(norm.mean_predicted, norm.std_predicted, where="data")
     with pytest.raises(ConfigError, match="normalised differently"):
         tok.check_channel_stats(norm.mean_predicted, 2 * norm.std_predicted, where="data")
+
+
+def test_cli_refuses_windows_the_data_cannot_hold_before_training(dataset, tmp_path):
+    out = str(tmp_path / "tok")
+    proc = run_cli("--dataset", str(dataset), "--out", out, "--window", "20", check=False)
+    assert proc.returncode == 2 and "--window is its --timesteps" in proc.stderr
+    proc = run_cli(
+        "--dataset", str(dataset), "--out", out, *TINY_FLAGS[:2], "--batch-size", "99", check=False
+    )
+    assert proc.returncode == 2 and "each process holds only 48 training windows" in proc.stderr
+    assert not Path(out).exists()
