@@ -141,7 +141,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> None:
     start = time.perf_counter()
     # The launcher's rank and world size: the data is checked before the process group
     # exists (every rank reads the same files, so every rank fails alike).
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0")) if world > 1 else 0
     train, valid = _open_splits(args, rank, world)
     batches_per_epoch(len(train.indices), args.batch_size)
     accelerator = distributed.build_accelerator(
