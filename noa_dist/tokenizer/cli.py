@@ -133,16 +133,21 @@ def check_args(args: argparse.Namespace) -> list[str]:
     return problems
 
 
+def launch_rank() -> tuple[int, int]:
+    """(rank, world size) the launcher set; a RANK without WORLD_SIZE is one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return (int(os.environ.get("RANK", "0")) if world > 1 else 0), world
+
+
 def run(args: argparse.Namespace, argv: list[str]) -> None:
     problems = check_args(args)
     if problems:
         raise ConfigError("\n".join(problems))
     mode = tracking.wandb_mode(args.wandb_mode)
     start = time.perf_counter()
-    # The launcher's rank and world size: the data is checked before the process group
-    # exists (every rank reads the same files, so every rank fails alike).
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0")) if world > 1 else 0
+    # The data is checked before the process group exists (every rank reads the same files,
+    # so every rank fails alike).
+    rank, world = launch_rank()
     train, valid = _open_splits(args, rank, world)
     batches_per_epoch(len(train.indices), args.batch_size)
     accelerator = distributed.build_accelerator(
@@ -335,7 +340,7 @@ def _final_lines(out: Path, final: dict, wall: float, wandb_location: str | None
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    report.setup_logging(is_main=int(os.environ.get("RANK", "0")) == 0)
+    report.setup_logging(is_main=launch_rank()[0] == 0)
     try:
         run(build_parser().parse_args(argv), argv)
     except NoaError as exc:
