@@ -28,7 +28,8 @@ Categories (the order of `TrajectoryFeatures.vector_BF` and `feature_specs`):
             frames input, state 1..T at times 0, dt, ..., T*dt: growth rate (slope of log x
             per unit time), log(final / initial), lag-1 autocorrelation (T >= 2), and
             frame_corr, the mean spatial correlation of consecutive frames.
-  INITIAL   the per-frame vector of the window's input state, computed without gradient.
+  INITIAL   the per-frame vector of the window's input state. The input state is detached:
+            it is a constant in every feature (INITIAL, and frame 0 of the dynamics).
 Only features flagged `differentiable` (TEMPORAL, SUMMARY) carry gradient to the states.
 """
 

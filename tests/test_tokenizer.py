@@ -305,3 +305,23 @@ def test_cli_refuses_to_overwrite_without_the_flag_or_to_replace_other_folders(t
 def test_help_says_the_window_is_the_one_the_noa_loss_sees():
     text = " ".join(run_cli("--help").stdout.split())  # argparse wraps at the terminal width
     assert "the window the NOA loss sees, i.e. the trainer's --bptt-window" in text
+
+
+@pytest.mark.slow
+def test_fields_normalised_with_other_stats_are_refused(trained, dataset):
+    tok = load_tokenizer(trained[0], n_channels=1)
+    norm = WellWindowDataset(dataset, "valid", WINDOW).norm
+    tok.check_channel_stats(norm.mean_predicted, norm.std_predicted, where="data")
+    with pytest.raises(ConfigError, match="normalised differently"):
+        tok.check_channel_stats(norm.mean_predicted, 2 * norm.std_predicted, where="data")
+
+
+def test_cli_refuses_windows_the_data_cannot_hold_before_training(dataset, tmp_path):
+    out = str(tmp_path / "tok")
+    proc = run_cli("--dataset", str(dataset), "--out", out, "--window", "20", check=False)
+    assert proc.returncode == 2 and "--window is its --timesteps" in proc.stderr
+    proc = run_cli(
+        "--dataset", str(dataset), "--out", out, *TINY_FLAGS[:2], "--batch-size", "99", check=False
+    )
+    assert proc.returncode == 2 and "each process holds only 48 training windows" in proc.stderr
+    assert not Path(out).exists()

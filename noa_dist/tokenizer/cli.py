@@ -3,7 +3,7 @@
     noa-train-vqvae --dataset D --out DIR --window W [...]                 (one process)
     accelerate launch --multi_gpu --num_processes N -m noa_dist.tokenizer --dataset D ...
 
-Steps: check flags and data (before any process group); features of this rank's ground-truth
+Steps: check flags and data (before the process group exists); features of this rank's ground-truth
 windows of train and valid; normalisation fitted on train (all ranks); model built after the
 process group exists; epochs with validation; codebooks checked equal across ranks; the
 artifact folder written by the main process (artifact.py).
@@ -29,7 +29,7 @@ from noa_dist.tokenizer import data
 from noa_dist.tokenizer.artifact import is_artifact, write_artifact
 from noa_dist.tokenizer.normalize import FeatureScaler, Normalization, fit_normalization
 from noa_dist.tokenizer.spec import build_spec
-from noa_dist.tokenizer.train import LoopSettings, check_codebooks_agree, fit
+from noa_dist.tokenizer.train import LoopSettings, batches_per_epoch, check_codebooks_agree, fit
 
 log = report.log
 
@@ -133,17 +133,33 @@ def check_args(args: argparse.Namespace) -> list[str]:
     return problems
 
 
+def launch_rank() -> tuple[int, int]:
+    """(rank, world size) the launcher set; a RANK without WORLD_SIZE is one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return (int(os.environ.get("RANK", "0")) if world > 1 else 0), world
+
+
 def run(args: argparse.Namespace, argv: list[str]) -> None:
     problems = check_args(args)
     if problems:
         raise ConfigError("\n".join(problems))
     mode = tracking.wandb_mode(args.wandb_mode)
     start = time.perf_counter()
+    # The data is checked before the process group exists (every rank reads the same files,
+    # so every rank fails alike).
+    rank, world = launch_rank()
+    train, valid = _open_splits(args, rank, world)
+    batches_per_epoch(len(train.indices), args.batch_size)
     accelerator = distributed.build_accelerator(
         gradient_accumulation_steps=1, mixed_precision="no", log_with=tracking.log_with(mode)
     )
     distributed.check_world(accelerator)
-    prepared = _prepare(accelerator, args)
+    if (accelerator.process_index, accelerator.num_processes) != (rank, world):
+        raise RuntimeError(
+            f"internal error: RANK/WORLD_SIZE {rank}/{world} but the process group says "
+            f"{accelerator.process_index}/{accelerator.num_processes}"
+        )
+    prepared = _prepare(accelerator, args, train, valid, start)
     model_cfg = VQVAEConfig(
         input_dims=prepared.input_dims,
         codebook_sizes=codebook_sizes(args.codebook_size),
@@ -214,11 +230,10 @@ class Prepared:
     seconds: float
 
 
-def _prepare(accelerator, args: argparse.Namespace) -> Prepared:
-    """Open both splits (every rank agrees on errors), compute this rank's features, fit the
-    normalisation on the train split of all ranks and apply it."""
-    start = time.perf_counter()
-    rank, world = accelerator.process_index, accelerator.num_processes
+def _open_splits(
+    args: argparse.Namespace, rank: int, world: int
+) -> tuple[data.WindowSource, data.WindowSource]:
+    """This rank's windows of train (equal shards) and valid (all windows, once)."""
 
     def open_split(split: str, n_samples: int | None, equal: bool) -> data.WindowSource:
         return data.open_split(
@@ -226,10 +241,19 @@ def _prepare(accelerator, args: argparse.Namespace) -> Prepared:
             n_samples=n_samples, rank=rank, world_size=world, equal_shards=equal,
         )  # fmt: skip
 
-    train = distributed.run_agreed(accelerator, lambda: open_split("train", args.n_samples, True))
-    valid = distributed.run_agreed(
-        accelerator, lambda: open_split("valid", args.val_samples, False)
-    )
+    return open_split("train", args.n_samples, True), open_split("valid", args.val_samples, False)
+
+
+def _prepare(
+    accelerator,
+    args: argparse.Namespace,
+    train: data.WindowSource,
+    valid: data.WindowSource,
+    start: float,
+) -> Prepared:
+    """Compute this rank's features, fit the normalisation on the train split of all ranks
+    and apply it."""
+    world = accelerator.num_processes
     ds, config = train.dataset, FeatureConfig()
     specs, dt = feature_specs(ds.n_channels, args.window, config), data.frame_dt(train.dataset)
     names = [s.name for s in specs]
@@ -264,7 +288,7 @@ def _prepare(accelerator, args: argparse.Namespace) -> Prepared:
         left = dict(zip(CATEGORIES, dims, strict=True))
         raise ConfigError(f"a category has no feature left after dropping constant ones: {left}")
     scaler = FeatureScaler(norm, names)
-    seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - start  # reading and features, from the launch
     return Prepared(train, valid, specs, dt, norm, scaler(raw[0]), scaler(raw[1]), dims, seconds)
 
 
@@ -316,7 +340,7 @@ def _final_lines(out: Path, final: dict, wall: float, wandb_location: str | None
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    report.setup_logging(is_main=int(os.environ.get("RANK", "0")) == 0)
+    report.setup_logging(is_main=launch_rank()[0] == 0)
     try:
         run(build_parser().parse_args(argv), argv)
     except NoaError as exc:

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Subset
 
 from noa_dist.data.dataset import WellWindowDataset
 from noa_dist.data.schema import DIMENSIONS, TIME, open_hdf5
+from noa_dist.errors import DataError
 from noa_dist.features import FeatureConfig, trajectory_features
 
 log = logging.getLogger("noa_dist")
@@ -49,9 +50,15 @@ def open_split(
     world_size: int,
     equal_shards: bool,
 ) -> WindowSource:
-    dataset = WellWindowDataset(
-        root, split, window, n_samples=n_samples, window_stride=stride, normalize=True
-    )
+    try:
+        dataset = WellWindowDataset(
+            root, split, window, n_samples=n_samples, window_stride=stride, normalize=True
+        )
+    except DataError as err:  # its flags are the trainer's: say which of ours they are
+        raise DataError(
+            f"{err}\n(noa-train-vqvae reads windows as the trainer does: --window is its "
+            "--timesteps, --n-samples/--val-samples the same, --window-stride the same)"
+        ) from None
     n = len(dataset)
     usable = n - n % world_size if equal_shards else n
     return WindowSource(dataset, list(range(rank, usable, world_size)))

@@ -109,6 +109,31 @@ class FrozenTokenizer(nn.Module):
         with torch.autocast(device_type=z_BD.device.type, enabled=False):
             return self.model.decode(z_BD.float())
 
+    def check_channel_stats(self, mean_C, std_C, *, where: str, rtol: float = 1e-5) -> None:
+        """ConfigError unless the fields are normalised with the stats.yaml mean/std the
+        tokenizer was trained with (its features are not scale-free: other units, other codes).
+        Pass `WellWindowDataset.norm.mean_predicted` / `.std_predicted`."""
+        stored = self.spec.get("channel_stats")
+        if stored is None:
+            return
+        pairs = {"mean": (stored["mean"], mean_C), "std": (stored["std"], std_C)}
+        bad = [
+            f"{key} {list(map(float, live))} (data) vs {list(ref)} (tokenizer)"
+            for key, (ref, live) in pairs.items()
+            if len(ref) != len(live)
+            or not torch.allclose(
+                torch.as_tensor(ref, dtype=torch.float64),
+                torch.as_tensor(live, dtype=torch.float64),
+                rtol=rtol,
+                atol=0.0,
+            )
+        ]
+        if bad:
+            raise ConfigError(
+                f"{where}: fields normalised differently from the tokenizer's training data: "
+                + "; ".join(bad)
+            )
+
     def _check_window(self, states_BTCHW: Tensor, input_BCHW: Tensor) -> None:
         if states_BTCHW.ndim != 5:
             raise ValueError(
