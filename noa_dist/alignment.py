@@ -39,18 +39,22 @@ def loss_weights(cfg: Config) -> dict[str, float]:
     return weights
 
 
-def load_frozen_tokenizer(cfg: Config, n_channels: int):
-    """The run's tokenizer (None without --vqvae-path), checked against the loss windows."""
+def load_frozen_tokenizer(cfg: Config, dataset):
+    """The run's tokenizer (None without --vqvae-path), checked against the loss windows and
+    against the dataset's normalisation (its features were fitted on fields normalised so)."""
     if not cfg.align.vqvae_path:
         return None
     from noa_dist.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(
         Path(cfg.align.vqvae_path),
-        n_channels=n_channels,
+        n_channels=dataset.n_channels,
         feature_policy=cfg.align.vqvae_feature_policy,
     )
     check_window_length(cfg, tokenizer.window_length)
+    tokenizer.check_channel_stats(
+        dataset.norm.mean_predicted, dataset.norm.std_predicted, where=f"--dataset {dataset.root}"
+    )
     return tokenizer
 
 

@@ -68,7 +68,7 @@ class Built:
 def build(cfg: Config, accelerator: Accelerator, root: Path) -> Built:
     data = build_data(cfg, accelerator, root)
     total_steps = total_optimizer_steps(cfg, data.steps_per_epoch)
-    tokenizer = alignment.load_frozen_tokenizer(cfg, data.layout_source.n_channels)
+    tokenizer = alignment.load_frozen_tokenizer(cfg, data.layout_source)
     latent_dim = tokenizer.latent_dim if cfg.align.enable_latent_loss else None
     model = _bare_model(cfg, data.layout_source, root, latent_dim)
     n_params = sum(p.numel() for p in model.parameters())
