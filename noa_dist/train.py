@@ -113,8 +113,7 @@ def _agree_on_start(cfg: Config, accelerator, run_dir: Path, checkpoint_dir: Pat
         distributed.run_agreed(accelerator, lambda: _refuse_existing_run(run_dir, checkpoint_dir))
         return lock, None, None
     path = checkpoint.agree_on_resume(accelerator, resume, checkpoint_dir)
-    if path is None:
-        log.info(f"--resume auto: no complete checkpoint in {checkpoint_dir}; starting fresh")
+    if path is None:  # the lookup said so, once
         return lock, None, None
     saved = distributed.run_agreed(accelerator, lambda: _check_resumable(cfg, accelerator, path))
     return lock, path, saved
@@ -236,4 +235,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    distributed.exit_process(main())

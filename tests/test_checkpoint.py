@@ -324,6 +324,7 @@ import torch
 from accelerate import Accelerator, DeepSpeedPlugin
 from accelerate.utils import InitProcessGroupKwargs
 
+from noa_dist import distributed
 from noa_dist.checkpoint import (
     latest_checkpoint, load_checkpoint, save_checkpoint, save_model_weights,
 )
@@ -376,9 +377,8 @@ try:
 except BaseException as err:
     (out / f"rank{rank}.txt").write_text(f"{type(err).__name__}: {err}")
     raise
-# Leave together: a rank exiting while its peer's gloo threads still run can abort (SIGABRT).
-accelerator.wait_for_everyone()
-torch.distributed.destroy_process_group()
+distributed.shutdown(accelerator)
+distributed.exit_process(0)
 """
 CANONICAL_KEYS = {"0.weight", "0.bias", "2.weight", "2.bias"}
 

@@ -371,7 +371,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]] | None:
         rows = measure_rank(args)
         if rows is not None:
             args.out.write_text(json.dumps(rows))
-        return None
+        distributed.exit_process(0)
     rows: list[RankMemory] = []
     with tempfile.TemporaryDirectory(prefix="noa-optmem-") as workdir:
         for mode in tqdm(args.modes, desc="optimizer-memory"):

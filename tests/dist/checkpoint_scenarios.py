@@ -23,6 +23,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 
+from noa_dist import distributed
 from noa_dist.checkpoint import (
     COMPLETE,
     agree_on_resume,
@@ -143,5 +144,5 @@ with patched(accelerator, "load_state", raise_(broken), on_rank=1):
     scenario("load_fails_on_rank1", lambda: load_checkpoint(accelerator, out / "ckpt" / "step-00000002"))
 
 (out / f"results{rank}.json").write_text(json.dumps(results, indent=1))
-accelerator.wait_for_everyone()
-torch.distributed.destroy_process_group()
+distributed.shutdown(accelerator)
+distributed.exit_process(0)

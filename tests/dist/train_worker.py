@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from noa_dist import train
+from noa_dist import distributed, train
 from noa_dist import trainer as trainer_module
 from noa_dist.config import load_config
 from noa_dist.step import StepResult
@@ -145,3 +145,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    distributed.exit_process(0)
