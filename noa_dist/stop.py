@@ -59,6 +59,23 @@ class StopRequest:
         self.request(signum)
 
 
+_early = StopRequest()
+
+
+def catch_early() -> None:
+    """Turn stop signals into a request from the first line of a launched rank on. A
+    preemption or time-limit signal during the seconds of imports and setup would otherwise
+    kill the rank (the default action of SIGUSR1/SIGTERM) and fail the job."""
+    _early.install()
+
+
+def adopt_early(stop: StopRequest) -> None:
+    """Hand a signal caught before `stop` existed over to it (the run saves and stops at its
+    first step)."""
+    if _early.requested:
+        stop.request(_early.code)
+
+
 def describe(code: int) -> str:
     """The stop reason of a code agreed across ranks: a signal's name, "launcher exited"."""
     if code == LAUNCHER_EXITED:

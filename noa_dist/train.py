@@ -12,6 +12,10 @@ from pathlib import Path
 if __name__ == "__main__" and not __package__:
     # Run as a script: import the package, not its modules as top-level names.
     sys.path[0] = str(Path(__file__).resolve().parents[1])
+if __name__ == "__main__":
+    from noa_dist import stop as _stop  # light: os/signal only, before torch's seconds of imports
+
+    _stop.catch_early()
 
 import os
 import time
@@ -25,7 +29,7 @@ from noa_dist.errors import ConfigError, NoaError, user_message
 from noa_dist.export import export_checkpoint
 from noa_dist.resume import apply_optimizer_overrides, config_changes, refusal_message
 from noa_dist.rollout import bptt_warning
-from noa_dist.stop import StopRequest, launched_by_agent, watch_parent
+from noa_dist.stop import StopRequest, adopt_early, launched_by_agent, watch_parent
 from noa_dist.trainer import REQUESTED_STOPS, Outcome, Trainer, TrainingAborted
 
 log = report.log
@@ -143,6 +147,7 @@ def prepare(cfg: Config) -> Trainer:
         log.warning(f"Warning: {warning}")
     stop = StopRequest()
     stop.install()
+    adopt_early(stop)
     if launched_by_agent():
         watch_parent(stop)
     lock, resume_path, saved = _agree_on_start(cfg, accelerator, run_dir, checkpoint_dir)
