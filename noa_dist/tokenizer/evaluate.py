@@ -86,6 +86,10 @@ class CategorySums:
         """Per category, from `packed()` summed over ranks."""
         return _metrics(packed, self.dims, self.sizes, self.code_dim)
 
+    def code_counts(self, packed: Tensor) -> list[Tensor]:
+        """Each codebook's histogram [K_c] (how often each code was chosen) in `packed`."""
+        return list(packed[self.size - sum(self.sizes) :].split(self.sizes))
+
 
 def code_usage(counts_K: Tensor) -> dict[str, float]:
     """How one codebook of K codes is used, from how often each code was chosen (never pool
