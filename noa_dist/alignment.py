@@ -93,7 +93,7 @@ def build_loss_fn(cfg: Config, tokenizer, projector: torch.nn.Module | None) -> 
         terms["commit"] = commitment_loss(z_e[:, differentiable], z_q[:, differentiable])
         if latent:
             terms["latent"] = latent_alignment_loss(
-                projector(_sampled_bottleneck(window, cfg.align.latent_sample_steps)),
+                projector(sampled_bottleneck(window, cfg.align.latent_sample_steps)),
                 z_e
                 if cfg.align.latent_target == "pred"
                 else _true_latent(tokenizer, window, batch),
@@ -103,15 +103,20 @@ def build_loss_fn(cfg: Config, tokenizer, projector: torch.nn.Module | None) -> 
     return loss_fn
 
 
-def _sampled_bottleneck(window: Window, k: int) -> Tensor:
+def sampled_bottleneck(window: Window, k: int) -> Tensor:
     """The bottleneck of the window's own forward, averaged over the sampled steps, fp32."""
     steps = sampled_steps(len(window.bottleneck), k)
     return torch.stack([window.bottleneck[i].float() for i in steps]).mean(dim=0)
 
 
-def _true_latent(tokenizer, window: Window, batch: Batch) -> Tensor:
-    """z_e of the ground-truth window, started from the true state before it."""
+def true_window(window: Window, batch: Batch) -> tuple[Tensor, Tensor]:
+    """(ground-truth states of the window's steps, the true state before them)."""
     target = batch["target"]
     start_BCHW = batch["u0"] if window.start == 0 else target[:, window.start - 1]
+    return target[:, window.start : window.stop], start_BCHW
+
+
+def _true_latent(tokenizer, window: Window, batch: Batch) -> Tensor:
+    """z_e of the ground-truth window, started from the true state before it."""
     with torch.no_grad():
-        return tokenizer.encode_window(target[:, window.start : window.stop], start_BCHW)
+        return tokenizer.encode_window(*true_window(window, batch))

@@ -20,6 +20,7 @@ from noa_dist.losses import combine
 from noa_dist.metrics import persistence_prediction, vrmse
 from noa_dist.rollout import iter_windows, window_loss_weight
 from noa_dist.step import LossFn
+from noa_dist.tokenizer.evaluate import code_usage
 
 
 @dataclass
@@ -177,10 +178,5 @@ class CodeHistogram:
         if not self.counts:
             return [], []
         flat = distributed.sum_across_ranks(accelerator, torch.cat(self.counts)).cpu()
-        utilization, perplexity = [], []
-        for counts in torch.split(flat, [c.numel() for c in self.counts]):
-            p = counts / counts.sum().clamp(min=1)
-            entropy = -(p[p > 0] * p[p > 0].log()).sum()
-            utilization.append(float((counts > 0).float().mean()))
-            perplexity.append(float(entropy.exp()))
-        return utilization, perplexity
+        usage = [code_usage(c) for c in torch.split(flat, [c.numel() for c in self.counts])]
+        return [u["utilization"] for u in usage], [u["perplexity"] for u in usage]

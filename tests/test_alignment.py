@@ -13,7 +13,7 @@ import torch
 from dist_runs import ALIGN_FLAGS, fault_run, same_floats
 from trainrun import REPO, assert_same_params, env_for_test
 
-from noa_dist.alignment import _sampled_bottleneck, _true_latent, build_loss_fn
+from noa_dist.alignment import _true_latent, build_loss_fn, sampled_bottleneck
 from noa_dist.config import load_config
 from noa_dist.data.dataset import WellWindowDataset
 from noa_dist.models.build import build_model
@@ -72,7 +72,7 @@ def per_sample_terms(dataset_root, tokenizer_path, indices: list[int]) -> dict[s
         z_e = tok.encode_window(window.pred_BTCHW, window.input_BCHW)
         z_q, _ = tok.quantize(z_e)
         dims = tok.commit_mask
-        projected = model.projector(_sampled_bottleneck(window, cfg.align.latent_sample_steps))
+        projected = model.projector(sampled_bottleneck(window, cfg.align.latent_sample_steps))
         target = _true_latent(tok, window, batch)
         # the loss function's batch means are means of exactly these rows
         terms = build_loss_fn(cfg, tok, model.projector)(window, batch)

@@ -20,16 +20,17 @@ SPARK = "▁▂▃▄▅▆▇█"
 
 def to_json(d: Diagnosis) -> str:
     """Strict JSON: NaN/Inf become the strings "nan", "inf", "-inf"."""
-    return json.dumps(_finite_json(d.to_dict()), indent=2, allow_nan=False)
+    return json.dumps(finite_json(d.to_dict()), indent=2, allow_nan=False)
 
 
-def _finite_json(obj: Any) -> Any:
+def finite_json(obj: Any) -> Any:
+    """`obj` with non-finite floats spelled "nan", "inf", "-inf" (strict JSON)."""
     if isinstance(obj, float) and not math.isfinite(obj):
         return str(obj)
     if isinstance(obj, dict):
-        return {key: _finite_json(value) for key, value in obj.items()}
+        return {key: finite_json(value) for key, value in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_finite_json(value) for value in obj]
+        return [finite_json(value) for value in obj]
     return obj
 
 

@@ -6,7 +6,7 @@ Per category c (features F_c, codebook of K_c codes, N windows of the split):
   commit      mean (z_e - q(z_e))^2 per latent dimension (the L_commit level on true windows);
   utilization fraction of the K_c codes used by at least one window (with n = N: at most
               N / K_c windows per code on average, so small splits cannot use big codebooks);
-  perplexity  exp(H) of the code histogram; entropy_ratio = H / log K_c.
+  perplexity  exp(H) of the code histogram; entropy H in nats, entropy_ratio = H / log K_c.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from noa_dist.features import CATEGORIES
-from noa_dist.models.vqvae import FeatureVQVAE
+from noa_dist.models.vqvae import FeatureVQVAE, VQVAEConfig, VQVAEOutput
 
 EVAL_BATCH = 1024
 
@@ -34,27 +34,79 @@ def evaluate(
     it (one all-reduce). The model is put in eval mode and back to its previous mode."""
     was_training = model.training
     model.eval()
-    cfg = model.config
-    dims, sizes = list(cfg.input_dims), list(cfg.codebook_sizes)
-    n_cat = len(dims)
-    sse, commit = torch.zeros(n_cat, dtype=torch.float64), torch.zeros(n_cat, dtype=torch.float64)
-    sum_x = torch.zeros(sum(dims), dtype=torch.float64)
-    sum_x2 = torch.zeros_like(sum_x)
-    counts = [torch.zeros(k, dtype=torch.float64) for k in sizes]
+    sums = CategorySums(model.config)
     for batch in x_NF.split(EVAL_BATCH):
-        out = model(batch)
-        err = (out.recon_BF - batch).double().square()
-        sse += torch.stack([e.sum() for e in err.split(dims, dim=1)])
-        gap = (out.z_e_BD - out.z_q_BD).double().square()
-        commit += torch.stack([g.sum() for g in gap.split(cfg.code_dim, dim=1)])
-        sum_x += batch.double().sum(0)
-        sum_x2 += batch.double().square().sum(0)
-        for c, k in enumerate(sizes):
-            counts[c] += torch.bincount(out.codes_BK[:, c], minlength=k).double()
-    n = torch.tensor([float(x_NF.shape[0])], dtype=torch.float64)
-    packed = sum_across_ranks(torch.cat([n, sse, commit, sum_x, sum_x2, *counts]))
+        sums.add(batch, model(batch))
+    packed = sum_across_ranks(sums.packed())
     model.train(was_training)
-    return _metrics(packed, dims, sizes, cfg.code_dim)
+    return sums.metrics(packed)
+
+
+class CategorySums:
+    """What `evaluate` sums over a split, batch by batch: callers that measure more (the
+    alignment report) pack these with their own sums into one all-reduce."""
+
+    def __init__(self, cfg: VQVAEConfig) -> None:
+        self.dims, self.sizes, self.code_dim = (
+            list(cfg.input_dims),
+            list(cfg.codebook_sizes),
+            cfg.code_dim,
+        )
+        n_cat = len(self.dims)
+        self.n = torch.zeros(1, dtype=torch.float64)
+        self.sse = torch.zeros(n_cat, dtype=torch.float64)
+        self.commit = torch.zeros(n_cat, dtype=torch.float64)
+        self.sum_x = torch.zeros(sum(self.dims), dtype=torch.float64)
+        self.sum_x2 = torch.zeros_like(self.sum_x)
+        self.counts = [torch.zeros(k, dtype=torch.float64) for k in self.sizes]
+
+    def add(self, x_BF: Tensor, out: VQVAEOutput) -> None:
+        """One batch of normalised features and the eval-mode forward of the model on them."""
+        x_BF = x_BF.detach().double().cpu()
+        err = (out.recon_BF.detach().double().cpu() - x_BF).square()
+        self.sse += torch.stack([e.sum() for e in err.split(self.dims, dim=1)])
+        gap = (out.z_e_BD - out.z_q_BD).detach().double().cpu().square()
+        self.commit += torch.stack([g.sum() for g in gap.split(self.code_dim, dim=1)])
+        self.sum_x += x_BF.sum(0)
+        self.sum_x2 += x_BF.square().sum(0)
+        codes = out.codes_BK.cpu()
+        for c, k in enumerate(self.sizes):
+            self.counts[c] += torch.bincount(codes[:, c], minlength=k).double()
+        self.n += x_BF.shape[0]
+
+    def packed(self) -> Tensor:
+        """float64 [size]: every sum, in the order `metrics` reads them."""
+        return torch.cat([self.n, self.sse, self.commit, self.sum_x, self.sum_x2, *self.counts])
+
+    @property
+    def size(self) -> int:
+        return 1 + 2 * len(self.dims) + 2 * sum(self.dims) + sum(self.sizes)
+
+    def metrics(self, packed: Tensor) -> dict[str, dict[str, float]]:
+        """Per category, from `packed()` summed over ranks."""
+        return _metrics(packed, self.dims, self.sizes, self.code_dim)
+
+    def code_counts(self, packed: Tensor) -> list[Tensor]:
+        """Each codebook's histogram [K_c] (how often each code was chosen) in `packed`."""
+        return list(packed[self.size - sum(self.sizes) :].split(self.sizes))
+
+
+def code_usage(counts_K: Tensor) -> dict[str, float]:
+    """How one codebook of K codes is used, from how often each code was chosen (never pool
+    codebooks: K1 x K2 joint codes are not a codebook). entropy in nats; entropy_ratio =
+    entropy / log K (1: uniform use); perplexity = exp(entropy), the effective code count."""
+    counts_K = counts_K.double()
+    k = counts_K.numel()
+    p = counts_K / counts_K.sum().clamp(min=1)
+    entropy = -(p[p > 0] * p[p > 0].log()).sum().item()
+    return {
+        "codes_used": int((counts_K > 0).sum().item()),
+        "codebook_size": k,
+        "utilization": (counts_K > 0).double().mean().item(),
+        "perplexity": math.exp(entropy),
+        "entropy": entropy,
+        "entropy_ratio": entropy / math.log(k) if k > 1 else 0.0,
+    }
 
 
 def _metrics(packed: Tensor, dims, sizes, code_dim: int) -> dict[str, dict[str, float]]:
@@ -69,18 +121,12 @@ def _metrics(packed: Tensor, dims, sizes, code_dim: int) -> dict[str, dict[str, 
     for c, (name, sst_c, counts) in enumerate(
         zip(CATEGORIES, sst.split(dims), code_counts, strict=True)
     ):
-        p = counts / counts.sum().clamp(min=1)
-        entropy = -(p[p > 0] * p[p > 0].log()).sum().item()
         total_sst = sst_c.sum().item()
         result[name] = {
             "recon_mse": sse[c].item() / max(n * dims[c], 1.0),
             "explained_variance": 1 - sse[c].item() / total_sst if total_sst > 0 else math.nan,
             "commit": commit[c].item() / max(n * code_dim, 1.0),
-            "codes_used": int((counts > 0).sum().item()),
-            "codebook_size": sizes[c],
-            "utilization": (counts > 0).double().mean().item(),
-            "perplexity": math.exp(entropy),
-            "entropy_ratio": entropy / math.log(sizes[c]) if sizes[c] > 1 else 0.0,
+            **code_usage(counts),
             "n": int(n),
         }
     return result
