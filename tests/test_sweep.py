@@ -482,7 +482,8 @@ def test_run_index_trains_a_row_offline_then_resumes_nothing_and_summarises(
     assert run.finished and run.config["lambda_latent"] == 0.5  # flat, as under the agent
     assert run.config["align"]["lambda_latent"] == 0.5
     assert run.summary["val/vrmse"] == pytest.approx(record["metrics"]["val/vrmse"])
-    (header,) = [json.loads(x) for x in _inspect(run.path).splitlines() if '"type": "run"' in x]
+    records = [json.loads(line) for line in _inspect(run.path).splitlines() if line.strip()]
+    (header,) = [r for r in records if r["type"] == "run"]
     assert header["run"]["run_group"] == "tiny-lam"
 
     assert "already finished" in noa_sweep("--run-index", "1")

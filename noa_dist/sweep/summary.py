@@ -98,7 +98,7 @@ def plot(results: list[RunResult], path: Path, title: str) -> Path:
     done = [r for r in swept if r.status == run_status.FINISHED]
     other = [r for r in swept if r.status != run_status.FINISHED]
     if done:
-        ax.plot([r.lambda_latent for r in done], [r.vrmse for r in done], "o-", label="finished")
+        ax.plot([r.lambda_latent for r in done], [r.vrmse for r in done], "o", label="finished")
     if other:
         ax.plot(
             [r.lambda_latent for r in other],
