@@ -14,7 +14,7 @@ import pytest
 import yaml
 from trainrun import REPO, TINY_MODEL, env_for_test, free_port
 
-from noa_dist import run_status, tracking
+from noa_dist import run_status, tracking, train
 from noa_dist.config import load_config
 from noa_dist.errors import ConfigError
 from noa_dist.sweep import cli, expand, launch, summary
@@ -343,6 +343,10 @@ def test_an_agent_run_gets_a_folder_of_its_own(monkeypatch):
     monkeypatch.setenv("WANDB_SWEEP_ID", "sw33p")
     monkeypatch.setenv("WANDB_RUN_ID", "abc123")
     assert tracking.agent_run_name() == "sweep-sw33p-abc123"
+    monkeypatch.setenv("SLURM_JOB_ID", "77")  # one SLURM job may run several sweep runs
+    cfg = load_config(["--dataset", "/data/well", "--output-dir", "out", "--resume", "auto"])
+    train._check_flags(cfg)  # --resume auto has a stable folder to look in
+    assert train.resolve_run_dir(cfg, accelerator=None) == Path("out/sweep-sw33p-abc123")
 
 
 def test_a_row_runs_in_its_own_resumable_folder(tmp_path):
