@@ -40,6 +40,11 @@ class ValResult:
         return self.terms["total"]
 
     @property
+    def vrmse(self) -> float:
+        """VRMSE averaged over the rollout's steps: the one number a sweep ranks runs by."""
+        return sum(self.vrmse_per_step) / len(self.vrmse_per_step)
+
+    @property
     def one_step_ratio(self) -> float:
         """Model one-step VRMSE / persistence one-step VRMSE (< 1 beats persistence)."""
         return self.vrmse_per_step[0] / max(self.persistence_vrmse_per_step[0], 1e-12)

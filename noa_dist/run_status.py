@@ -1,10 +1,12 @@
-"""Markers in the run folder that scripts read instead of the exit code.
+"""Markers and metrics in the run folder that scripts read instead of the exit code or W&B.
 
 Through `accelerate launch` the exit code is not reliable: torch's elastic agent exits 1
 after it forwarded a signal, whatever the ranks returned. So a run leaves one marker:
 `STOPPED` (a requested stop: signal, `--stop-at-step`, a dead launcher; the run can be
 resumed with `--resume auto`) or `FINISHED` (the run reached its end), each a JSON object
 with the reason, the step and the checkpoint. A crash leaves neither. A (re)start clears both.
+`val_metrics.json` holds the last validation's metrics (the keys logged to W&B), its step and
+the run's config; it is rewritten after every validation (`noa-sweep --summary` reads it).
 
     if [ -f runs/exp1/STOPPED ]; then scontrol requeue "$SLURM_JOB_ID"; fi
 """
@@ -20,6 +22,7 @@ from noa_dist.atomic import atomic_write_text
 
 STOPPED = "STOPPED"
 FINISHED = "FINISHED"
+VAL_METRICS = "val_metrics.json"
 
 
 def clear(run_dir: Path) -> None:
@@ -40,3 +43,16 @@ def read(run_dir: Path) -> dict[str, Any] | None:
         if path.is_file():
             return {"marker": name, **json.loads(path.read_text(encoding="utf-8"))}
     return None
+
+
+def write_val_metrics(
+    run_dir: Path, metrics: dict[str, float], *, step: int, config: dict[str, Any]
+) -> Path:
+    """Replace the last validation's metrics, atomically (a reader never sees half a file)."""
+    record = {"step": step, "metrics": {k: float(v) for k, v in metrics.items()}, "config": config}
+    return atomic_write_text(Path(run_dir) / VAL_METRICS, json.dumps(record, default=str) + "\n")
+
+
+def read_val_metrics(run_dir: Path) -> dict[str, Any] | None:
+    path = Path(run_dir) / VAL_METRICS
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None

@@ -115,6 +115,14 @@ def _netrc_path() -> Path:
     return windows_netrc if not unix_netrc.exists() and windows_netrc.exists() else unix_netrc
 
 
+def agent_run_name() -> str | None:
+    """`sweep-<sweep id>-<run id>` under `wandb agent` (it sets WANDB_SWEEP_ID and WANDB_RUN_ID
+    for each run it starts), else None: one run folder per sweep run, found again when the
+    sweep reschedules a preempted run, even when one SLURM job runs several."""
+    sweep, run = os.environ.get("WANDB_SWEEP_ID"), os.environ.get("WANDB_RUN_ID")
+    return f"sweep-{sweep}-{run}" if sweep and run else None
+
+
 def log_with(mode: str) -> list[str] | None:
     """What to pass as `Accelerator(log_with=...)` for a resolved mode."""
     if mode not in MODES:

@@ -36,8 +36,9 @@ log = report.log
 
 
 def resolve_run_dir(cfg: Config, accelerator) -> Path:
-    """One directory per run: --run-name, else slurm-<jobid>, else a timestamp agreed by all ranks."""
-    name = cfg.checkpoint.run_name
+    """One directory per run: --run-name, else the W&B sweep run (under `wandb agent`), else
+    slurm-<jobid>, else a timestamp agreed by all ranks."""
+    name = cfg.checkpoint.run_name or tracking.agent_run_name()
     if name is None and "SLURM_JOB_ID" in os.environ:
         name = f"slurm-{os.environ['SLURM_JOB_ID']}"
     if name is None:
@@ -47,7 +48,10 @@ def resolve_run_dir(cfg: Config, accelerator) -> Path:
 
 def _check_flags(cfg: Config) -> None:
     stable = (
-        cfg.checkpoint.run_name or cfg.checkpoint.checkpoint_dir or "SLURM_JOB_ID" in os.environ
+        cfg.checkpoint.run_name
+        or cfg.checkpoint.checkpoint_dir
+        or tracking.agent_run_name()
+        or "SLURM_JOB_ID" in os.environ
     )
     if cfg.checkpoint.resume == "auto" and not stable:
         raise ConfigError(

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from noa_dist import checkpoint, distributed, faults, plots, report, tracking
+from noa_dist import checkpoint, distributed, faults, plots, report, run_status, tracking
 from noa_dist.build import Built
 from noa_dist.config import Config
 from noa_dist.errors import NoaError
@@ -266,6 +266,7 @@ class Trainer:
         metrics.update(
             {
                 "val/loss": val.loss,
+                "val/vrmse": val.vrmse,
                 "val/vrmse_ratio_step_1": val.one_step_ratio,
                 "val/nonfinite_samples": val.nonfinite_samples,
                 "epoch": self.state.epoch,
@@ -281,6 +282,10 @@ class Trainer:
         ):
             metrics[f"val/vrmse_step_{k}"], metrics[f"val/persistence_vrmse_step_{k}"] = m, p
         tracking.log_metrics(self.accelerator, metrics, step=self.state.global_step)
+        if self.accelerator.is_main_process:
+            run_status.write_val_metrics(
+                self.run_dir, metrics, step=self.state.global_step, config=self.cfg.to_dict()
+            )
         if self.accelerator.is_main_process and val.example is not None:
             self._validation_figures(val)
 
