@@ -54,9 +54,10 @@ SchedulerType=sched/backfill
 MpiDefault=none
 ReturnToService=2
 JobRequeue=1
-# Seconds between the SIGTERM of a cancelled/preempted/timed-out job and its SIGKILL: a real
-# cluster's value must cover a checkpoint save (ask your admins; GraceTime for preemption).
-KillWait=90
+# Seconds between the SIGTERM of a cancelled/preempted/timed-out/requeued job and its SIGKILL
+# (a requeued job's batch step also lingers this long): enough for the tests' tiny saves; a real
+# cluster's value must cover a step plus a checkpoint save (ask your admins; GraceTime too).
+KillWait=30
 InactiveLimit=0
 MinJobAge=600
 SlurmctldTimeout=30

@@ -1,0 +1,281 @@
+"""slurm/train.sbatch submitted unchanged to a real two-node SLURM cluster on this machine
+(slurm/testing/cluster.sh: munge, slurmctld, slurmd n1 + n2).
+
+Runs when root (CI); elsewhere the tests skip and say why. Every job trains the same tiny
+config, so every interrupted job must end with parameters bitwise equal to the uninterrupted
+reference job's.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+from safetensors.torch import load_file
+from trainrun import REPO, TINY_MODEL, assert_same_params, make_tiny_dataset
+
+from noa_dist.checkpoint import latest_checkpoint
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+CLUSTER = REPO / "slurm" / "testing" / "cluster.sh"
+SBATCH = REPO / "slurm" / "train.sbatch"
+DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL"}
+STEP_LINE = re.compile(r"^\s+\[(\d+)/(\d+)\] loss=", re.M)
+
+
+@dataclass
+class Cluster:
+    env: dict[str, str]
+    dataset: Path
+
+    def run(self, *cmd: str, cwd: Path | None = None) -> str:
+        out = subprocess.run(
+            cmd, env=self.env, cwd=cwd, capture_output=True, text=True, timeout=60
+        )
+        assert out.returncode == 0, f"{' '.join(cmd)}: {out.stderr}"
+        return out.stdout
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    if os.geteuid() != 0:
+        pytest.skip("the local SLURM cluster needs root (slurm/testing/cluster.sh start)")
+    if shutil.which("slurmctld") is None:
+        subprocess.run([str(CLUSTER), "install"], check=True, timeout=1200)
+    state = tmp_path_factory.mktemp("slurm-cluster")
+    env = {**os.environ, "NOA_SLURM_DIR": str(state)}
+    subprocess.run([str(CLUSTER), "start"], env=env, check=True, timeout=180)
+    dataset = make_tiny_dataset(tmp_path_factory.mktemp("slurm-data") / "tiny")
+    try:
+        yield Cluster({**env, "SLURM_CONF": str(state / "slurm.conf")}, dataset)
+    finally:
+        subprocess.run([str(CLUSTER), "stop"], env=env, timeout=120)
+
+
+def train_args(cluster: Cluster, epochs: int = 6) -> list[str]:
+    """36 steps on one node x 2 processes (6 per epoch), a checkpoint every 4, offline W&B,
+    the default DataLoader worker."""
+    return [
+        "--dataset", str(cluster.dataset), "--timesteps", "4", "--bptt-window", "2",
+        "--batch-size", "2", "--warmup-steps", "2", "--lr", "1e-3", "--log-every", "1",
+        "--epochs", str(epochs), "--save-every", "4", "--wandb-mode", "offline", *TINY_MODEL,
+    ]  # fmt: skip
+
+
+def submit(cluster: Cluster, cwd: Path, name: str, *opts: str, procs: int = 2, epochs=6) -> str:
+    cwd.mkdir(parents=True, exist_ok=True)
+    env = {**cluster.env, "NOA_PROCS_PER_NODE": str(procs)}
+    cmd = ["sbatch", "--parsable", f"--job-name={name}", "--cpus-per-task=1", "--time=10", *opts]
+    out = subprocess.run(
+        [*cmd, str(SBATCH), *train_args(cluster, epochs)],
+        env=env, cwd=cwd, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip().split(";")[0]
+
+
+def job(cluster: Cluster, job_id: str) -> dict[str, str]:
+    text = cluster.run("scontrol", "show", "job", "-o", job_id)
+    return dict(tok.split("=", 1) for tok in text.split() if "=" in tok)
+
+
+def log_of(cwd: Path, name: str, job_id: str) -> str:
+    path = cwd / f"slurm-{name}-{job_id}.out"
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def wait(what: str, predicate, timeout: float, log=lambda: ""):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{log()[-4000:]}")
+
+
+def steps_of_restart(log: str, restart: int) -> int:
+    """Step lines printed since the job's (re)start number `restart` began (0 before)."""
+    parts = re.split(r"train\.sbatch: job \S+ restart (\d+) on", log)
+    # parts: [before, restart, text, restart, text, ...]
+    runs = dict(zip(parts[1::2], parts[2::2], strict=True))
+    return len(STEP_LINE.findall(runs.get(str(restart), "")))
+
+
+_requeued_at: dict[tuple[str, str], float] = {}
+
+
+def start_if_requeued(cluster: Cluster, job_id: str) -> dict[str, str]:
+    """A requeued job waits ~2 minutes (Reason=BeginTime) before it may start again: start it
+    sooner, but not at once (slurmd refuses a launch in the same seconds as the revoked
+    credential of the run before: "Job credential revoked", and the job fails). Returns the
+    job's info."""
+    info = job(cluster, job_id)
+    if info["JobState"] == "PENDING" and info.get("Reason") == "BeginTime":
+        first_seen = _requeued_at.setdefault((job_id, info["Restarts"]), time.monotonic())
+        if time.monotonic() - first_seen > 5:
+            cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
+    return info
+
+
+def wait_done(cluster: Cluster, job_id: str, log, timeout: float = 300) -> dict[str, str]:
+    """The job's info once it ended for good (a requeued job is started again at once)."""
+    return wait(
+        f"job {job_id} to end",
+        lambda: (info := start_if_requeued(cluster, job_id))["JobState"] in DONE and info,
+        timeout,
+        log,
+    )
+
+
+def final_params(run_dir: Path) -> dict:
+    latest = latest_checkpoint(run_dir / "checkpoints")
+    assert latest is not None, f"no complete checkpoint in {run_dir}"
+    return load_file(latest / "model.safetensors")
+
+
+def wandb_ids(run_dir: Path) -> set[str]:
+    return {p.name.rsplit("-", 1)[-1] for p in (run_dir / "wandb").glob("offline-run-*")}
+
+
+@pytest.fixture(scope="module")
+def reference(cluster, tmp_path_factory):
+    """The uninterrupted job: one node, two processes."""
+    cwd = tmp_path_factory.mktemp("slurm-ref")
+    started = time.monotonic()
+    job_id = submit(cluster, cwd, "ref")
+    info = wait_done(cluster, job_id, lambda: log_of(cwd, "ref", job_id))
+    wall = time.monotonic() - started
+    print(f"\nreference job (1 node x 2 processes): {wall:.0f} s")
+    return cwd, job_id, info, log_of(cwd, "ref", job_id)
+
+
+def test_one_node_two_processes_completes_with_checkpoints_and_wandb(reference):
+    cwd, job_id, info, log = reference
+    assert info["JobState"] == "COMPLETED", log[-3000:]
+    assert "noa-dist: 2 process(es)" in log and "Training finished: 36 steps" in log
+    run_dir = cwd / "runs" / "ref"
+    assert (run_dir / "FINISHED").is_file() and "train.sbatch: run finished" in log
+    assert latest_checkpoint(run_dir / "checkpoints").name == "step-00000036"
+    assert len(wandb_ids(run_dir)) == 1
+    assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert info["Restarts"] == "0"
+
+
+def test_two_nodes_one_process_each_rendezvous_through_the_first(cluster, tmp_path):
+    started = time.monotonic()
+    job_id = submit(cluster, tmp_path, "two", "--nodes=2", procs=1, epochs=1)
+    log = lambda: log_of(tmp_path, "two", job_id)  # noqa: E731
+    info = wait_done(cluster, job_id, log)
+    print(f"\ntwo-node job: {time.monotonic() - started:.0f} s")
+    text = log()
+    assert info["JobState"] == "COMPLETED", text[-3000:]
+    host = re.search(r"rendezvous (\S+):(\d+)", text).group(1)
+    assert host == "n1"  # the first node of the allocation
+    for rank, node in ((0, "n1"), (1, "n2")):
+        assert f"node {node}: machine rank {rank} of 2, rendezvous through n1:" in text
+    assert "noa-dist: 2 process(es)" in text and "Training finished" in text
+
+
+# USR1 to the batch shell only; USR1 to every process of the job; SIGTERM to every process and
+# a requeue by SLURM itself, as a preemption with PreemptMode=REQUEUE does (`scontrol requeue`).
+PREEMPTIONS = [
+    ("scancel", "--signal=USR1", "--batch"),
+    ("scancel", "--signal=USR1", "--full"),
+    ("scontrol", "requeue"),
+]
+
+
+def test_preemption_signals_save_requeue_and_resume_bitwise(cluster, reference, tmp_path):
+    """Each preemption stops the job at a step boundary with a checkpoint; the job is requeued
+    once (by itself, or by SLURM) and resumes."""
+    started = time.monotonic()
+    job_id = submit(cluster, tmp_path, "pre")
+    log = lambda: log_of(tmp_path, "pre", job_id)  # noqa: E731
+    for restarts, preempt in enumerate(PREEMPTIONS, start=1):
+        wait(
+            f"training after restart {restarts - 1}",
+            lambda r=restarts - 1: start_if_requeued(cluster, job_id)
+            and steps_of_restart(log(), r) >= 2,
+            180,
+            log,
+        )
+        cluster.run(*preempt, job_id)
+    info = wait_done(cluster, job_id, log)
+    print(f"\npreempted job (3 preemptions): {time.monotonic() - started:.0f} s")
+    text = log()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "3", text[-3000:]
+    assert text.count("Stopped (SIG") == 3  # the trainer saved each time
+    # the batch shell requeued the job itself twice; SLURM's requeue kills the shell it requeues
+    assert text.count("train.sbatch: requeueing job") == 2
+    assert "SIGTERM received" in text  # the requeue's signal
+    assert "restart 3 on" in text  # one log, appended by every restart
+    assert text.count("Resuming from checkpoint") == 3
+    run_dir = tmp_path / "runs" / "pre"
+    assert len(wandb_ids(run_dir)) == 1, "a requeued job must continue the same W&B run"
+    assert_same_params(final_params(run_dir), final_params(reference[0] / "runs" / "ref"))
+
+
+def test_time_limit_saves_requeues_and_finishes_bitwise(cluster, reference, tmp_path):
+    """A one-minute limit with the signal 58 s before it: the job is signalled, saves,
+    requeues, and resumes until the 36 steps are done."""
+    started = time.monotonic()
+    job_id = submit(cluster, tmp_path, "limit", "--time=1", "--signal=USR1@58")
+    log = lambda: log_of(tmp_path, "limit", job_id)  # noqa: E731
+
+    info = wait_done(cluster, job_id, log, timeout=600)
+    print(f"\ntime-limited job: {time.monotonic() - started:.0f} s, {info['Restarts']} restart(s)")
+    text = log()
+    assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) >= 1, text[-3000:]
+    assert "SIGUSR1 received" in text or "USR1 received" in text
+    assert (tmp_path / "runs" / "limit" / "FINISHED").is_file()
+    ref = final_params(reference[0] / "runs" / "ref")
+    assert_same_params(final_params(tmp_path / "runs" / "limit"), ref)
+
+
+def rank_process(run_name: str, rank: int) -> psutil.Process | None:
+    """The training process of `rank` (not its DataLoader workers, not the launcher)."""
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            cmdline = proc.info["cmdline"] or []
+            if "--run-name" not in cmdline or run_name not in cmdline:
+                continue
+            env = proc.environ()
+            if env.get("RANK") == str(rank) and "RANK" not in proc.parent().environ():
+                return proc
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return None
+
+
+def test_a_killed_rank_fails_the_job_fast_and_a_resubmission_resumes(cluster, reference, tmp_path):
+    job_id = submit(cluster, tmp_path, "kill")
+    log = lambda: log_of(tmp_path, "kill", job_id)  # noqa: E731
+    run_dir = tmp_path / "runs" / "kill"
+    wait("a checkpoint", lambda: latest_checkpoint(run_dir / "checkpoints"), 180, log)
+    victim = wait("rank 1's process", lambda: rank_process("kill", 1), 30, log)
+    killed_at = time.monotonic()
+    victim.send_signal(signal.SIGKILL)
+    info = wait_done(cluster, job_id, log, timeout=90)
+    failed_in = time.monotonic() - killed_at
+    print(f"\nkilled rank: job ended {failed_in:.1f} s after the SIGKILL")
+    assert info["JobState"] == "FAILED" and info["Restarts"] == "0", log()[-3000:]
+    assert failed_in < 60
+    assert not (run_dir / "STOPPED").exists() and "not requeued" in log()
+
+    resumed = latest_checkpoint(run_dir / "checkpoints")
+    again = submit(cluster, tmp_path, "kill")  # the same --job-name: the same run folder
+    info = wait_done(cluster, again, lambda: log_of(tmp_path, "kill", again))
+    text = log_of(tmp_path, "kill", again)
+    assert info["JobState"] == "COMPLETED", text[-3000:]
+    assert f"Resuming from checkpoint: {resumed.relative_to(tmp_path)}" in text
+    assert_same_params(final_params(run_dir), final_params(reference[0] / "runs" / "ref"))
