@@ -342,14 +342,19 @@ def _close(figures: Any) -> None:
             plt.close(fig)
 
 
-def finish(accelerator: Accelerator) -> None:
-    """Flush and close the W&B run (main process). Idempotent.
+def finish(accelerator: Accelerator, *, preempted: bool = False) -> None:
+    """Flush and close the W&B run (main process). Idempotent. `preempted`: the run stopped on
+    a signal and will resume; an online sweep then hands the same run (same id, same run
+    folder) to the next agent instead of counting it as done.
 
     Unlike `accelerator.end_training()` this leaves the process group alone, so
     checkpoints and collectives may still follow.
     """
-    if _main_run(accelerator) is None:
+    run = _main_run(accelerator)
+    if run is None:
         return
+    if preempted and os.environ.get("WANDB_SWEEP_ID") and not run.offline:
+        _guarded(accelerator, run.mark_preempting)
     _guarded(accelerator, lambda: [tracker.finish() for tracker in accelerator.trackers])
 
 

@@ -214,7 +214,8 @@ def finish(trainer: Trainer, outcome: Outcome) -> None:
     export_best(trainer)
     accelerator = trainer.accelerator
     report.final_summary(outcome, trainer.run_dir, tracking.run_location(accelerator))
-    tracking.finish(accelerator)
+    resumable_stop = outcome.stopped_by not in (None, *REQUESTED_STOPS)
+    tracking.finish(accelerator, preempted=resumable_stop)
     _leave_marker(trainer, outcome)
     distributed.shutdown(accelerator)
     if trainer.run_lock is not None:

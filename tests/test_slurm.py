@@ -19,6 +19,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import yaml
 from safetensors.torch import load_file
 from trainrun import REPO, TINY_MODEL, assert_same_params, make_tiny_dataset
 
@@ -38,9 +39,7 @@ class Cluster:
     dataset: Path
 
     def run(self, *cmd: str, cwd: Path | None = None) -> str:
-        out = subprocess.run(
-            cmd, env=self.env, cwd=cwd, capture_output=True, text=True, timeout=60
-        )
+        out = subprocess.run(cmd, env=self.env, cwd=cwd, capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, f"{' '.join(cmd)}: {out.stderr}"
         return out.stdout
 
@@ -204,8 +203,9 @@ def test_preemption_signals_save_requeue_and_resume_bitwise(cluster, reference, 
     for restarts, preempt in enumerate(PREEMPTIONS, start=1):
         wait(
             f"training after restart {restarts - 1}",
-            lambda r=restarts - 1: start_if_requeued(cluster, job_id)
-            and steps_of_restart(log(), r) >= 2,
+            lambda r=restarts - 1: (
+                start_if_requeued(cluster, job_id) and steps_of_restart(log(), r) >= 2
+            ),
             180,
             log,
         )
@@ -279,3 +279,53 @@ def test_a_killed_rank_fails_the_job_fast_and_a_resubmission_resumes(cluster, re
     assert info["JobState"] == "COMPLETED", text[-3000:]
     assert f"Resuming from checkpoint: {resumed.relative_to(tmp_path)}" in text
     assert_same_params(final_params(run_dir), final_params(reference[0] / "runs" / "ref"))
+
+
+def test_sweep_array_runs_two_lambda_latent_values_offline(
+    cluster, tiny_dataset, tiny_tokenizer, tmp_path
+):
+    """slurm/sweep.sbatch as a two-task array: task i trains row i (noa-sweep --run-index)."""
+    tiny = dict(zip(TINY_MODEL[::2], TINY_MODEL[1::2], strict=True))
+    sweep = {
+        "name": "lam",
+        "method": "grid",
+        "metric": {"name": "val/vrmse", "goal": "minimize"},
+        "program": str(REPO / "noa_dist" / "train.py"),
+        "command": ["accelerate", "launch", "--num_processes", "1", "--num_machines", "1",
+                    "--mixed_precision", "no", "--dynamo_backend", "no", "${program}", "${args}"],
+        "parameters": {
+            "lambda_latent": {"values": [0.05, 0.5]},
+            **{k: {"value": v} for k, v in {
+                "dataset": str(tiny_dataset), "vqvae_path": str(tiny_tokenizer),
+                "enable_latent_loss": True, "timesteps": 4, "bptt_window": 2, "batch_size": 2,
+                "epochs": 1, "wandb_mode": "offline",
+                **{flag[2:].replace("-", "_"): int(v) for flag, v in tiny.items()},
+            }.items()},
+        },
+    }  # fmt: skip
+    path = tmp_path / "lam.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    started = time.monotonic()
+    out = subprocess.run(
+        ["sbatch", "--parsable", "--array=0-1", "--cpus-per-task=1", "--time=10",
+         str(REPO / "slurm" / "sweep.sbatch"), str(path)],
+        env=cluster.env, cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    array = out.stdout.strip().split(";")[0]
+    for task in (0, 1):
+        log = lambda t=task: log_of(tmp_path, "noa-sweep", f"{array}_{t}")  # noqa: E731
+        info = wait_done(cluster, f"{array}_{task}", log)
+        assert info["JobState"] == "COMPLETED", log()[-3000:]
+        assert "wandb sync runs/sweeps/lam/lam-00" in log()
+    print(f"\nsweep array (2 tasks): {time.monotonic() - started:.0f} s")
+    summary = subprocess.run(
+        ["noa-sweep", str(path), "--summary", str(tmp_path / "runs" / "sweeps" / "lam")],
+        env=cluster.env, cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert summary.returncode == 0, summary.stderr
+    for row, lam in ((0, "0.05"), (1, "0.5")):
+        run_dir = tmp_path / "runs" / "sweeps" / "lam" / f"lam-00{row}"
+        assert (run_dir / "FINISHED").is_file()
+        assert lam in summary.stdout
+    assert (tmp_path / "runs" / "sweeps" / "lam" / "lam.png").is_file()
