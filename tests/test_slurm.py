@@ -70,9 +70,11 @@ def train_args(cluster: Cluster, epochs: int = 6) -> list[str]:
     ]  # fmt: skip
 
 
-def submit(cluster: Cluster, cwd: Path, name: str, *opts: str, procs: int = 2, epochs=6) -> str:
+def submit(
+    cluster: Cluster, cwd: Path, name: str, *opts: str, procs: int = 2, epochs=6, env=None
+) -> str:
     cwd.mkdir(parents=True, exist_ok=True)
-    env = {**cluster.env, "NOA_PROCS_PER_NODE": str(procs)}
+    env = {**cluster.env, "NOA_PROCS_PER_NODE": str(procs), **(env or {})}
     cmd = ["sbatch", "--parsable", f"--job-name={name}", "--cpus-per-task=1", "--time=10", *opts]
     out = subprocess.run(
         [*cmd, str(SBATCH), *train_args(cluster, epochs)],
@@ -240,6 +242,18 @@ def test_time_limit_saves_requeues_and_finishes_bitwise(cluster, reference, tmp_
     assert (tmp_path / "runs" / "limit" / "FINISHED").is_file()
     ref = final_params(reference[0] / "runs" / "ref")
     assert_same_params(final_params(tmp_path / "runs" / "limit"), ref)
+
+
+def test_the_requeue_limit_stops_a_requeue_loop(cluster, tmp_path):
+    """NOA_MAX_REQUEUES=0: a stopped job saves but is not requeued (and says why)."""
+    job_id = submit(cluster, tmp_path, "cap", env={"NOA_MAX_REQUEUES": "0"})
+    log = lambda: log_of(tmp_path, "cap", job_id)  # noqa: E731
+    wait("training", lambda: steps_of_restart(log(), 0) >= 2, 180, log)
+    cluster.run("scancel", "--signal=USR1", job_id)
+    info = wait_done(cluster, job_id, log)
+    assert info["JobState"] == "FAILED" and info["Restarts"] == "0", log()[-3000:]
+    assert "not requeued: 0 restarts reached (NOA_MAX_REQUEUES)" in log()
+    assert (tmp_path / "runs" / "cap" / "STOPPED").is_file()
 
 
 def rank_process(run_name: str, rank: int) -> psutil.Process | None:
