@@ -23,6 +23,15 @@ from noa_dist.step import LossFn
 from noa_dist.tokenizer.evaluate import code_usage
 
 
+class StoppedDuringValidation(Exception):
+    """Every rank agreed to stop (a signal) before validation was over; `code` is the agreed
+    stop code. Validation is redone after the resume."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
 @dataclass
 class ValResult:
     terms: dict[str, float]  # every unweighted loss term and "total", mean over samples
@@ -61,8 +70,13 @@ def evaluate(
     describe_sample: Callable[[int], str] = str,
     window: int | None = None,
     tokenizer=None,
+    stop_code: Callable[[], int] | None = None,
 ) -> ValResult:
     """Roll out every validation window; `n_real` = this rank's unpadded sample count.
+
+    With `stop_code` (this rank's pending stop request, 0 for none) the ranks agree before each
+    batch whether any was asked to stop, and raise StoppedDuringValidation together: a
+    preemption's grace period is shorter than a long validation.
 
     The loss terms are computed on consecutive `window`-step pieces of the rollout (the
     training loss's windows: a tokenizer is trained on windows of that length) and averaged
@@ -82,6 +96,11 @@ def evaluate(
     bad_count, bad_indices = torch.zeros((), device=accelerator.device), []
     histogram = CodeHistogram(tokenizer, accelerator.device)
     for batch in loader:
+        if stop_code is not None and (
+            code := distributed.max_across_ranks(accelerator, stop_code())[0]
+        ):
+            model.train(was_training)
+            raise StoppedDuringValidation(code)  # every rank, at the same batch
         batch = distributed.batch_to_device(accelerator, batch)
         n = max(0, min(batch["u0"].shape[0], n_real - seen))  # padding rows come last
         seen += batch["u0"].shape[0]

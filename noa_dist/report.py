@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import resource
 import sys
@@ -131,7 +132,10 @@ def epoch_header(epoch: int, epochs: int) -> None:
 
 
 def epoch_summary(train_terms: dict[str, float], val, seconds: float, improved: bool) -> None:
-    log.info(f"  Train: {format_terms(train_terms)} [{seconds:.1f}s]")
+    if all(math.isnan(v) for v in train_terms.values()):  # resumed after the epoch's last step
+        log.info("  Train: (no step of this epoch ran since the (re)start)")
+    else:
+        log.info(f"  Train: {format_terms(train_terms)} [{seconds:.1f}s]")
     best = " (best)" if improved else ""
     log.info(
         f"  Val:   {format_terms(val.terms)} "

@@ -20,7 +20,7 @@ from noa_dist import checkpoint, distributed, faults, plots, report, run_status,
 from noa_dist.build import Built
 from noa_dist.config import Config
 from noa_dist.errors import NoaError
-from noa_dist.evaluate import ValResult, evaluate
+from noa_dist.evaluate import StoppedDuringValidation, ValResult, evaluate
 from noa_dist.resume import current_lr
 from noa_dist.state import TrainState
 from noa_dist.step import StepResult, train_step
@@ -121,7 +121,13 @@ class Trainer:
             epoch_start = time.perf_counter()
             stopped_by, train_terms = self._train_epoch()
             if stopped_by in (None, "max-steps"):
-                val = self._end_epoch(train_terms, time.perf_counter() - epoch_start)
+                try:
+                    val = self._end_epoch(train_terms, time.perf_counter() - epoch_start)
+                except StoppedDuringValidation as stop:
+                    # The epoch's steps are done (batch_in_epoch == steps per epoch): the
+                    # resumed run starts with this validation.
+                    stopped_by = describe_stop(stop.code)
+                    break
                 stopped_by = stopped_by or self._early_stop()
         if stopped_by not in (None, *REQUESTED_STOPS):
             saved = self.save()
@@ -228,6 +234,7 @@ class Trainer:
             describe_sample=self.data.describe_val_sample,
             window=self.cfg.train.bptt_window,
             tokenizer=self.built.tokenizer,
+            stop_code=lambda: self.stop.code,
         )
         st = self.state
         improved = val.nonfinite_samples == 0 and val.loss < st.best_val_loss

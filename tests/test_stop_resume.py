@@ -176,3 +176,24 @@ def test_one_sigkill_at_a_random_point_then_resume_auto_is_bitwise_equal(
     launch(2, [*flags, "--resume", "auto"], tmp_path / "resumed")
     print(f"trial {trial}: killed {label}; resumed from {latest.name if latest else 'nothing'}")
     assert_resumed_bitwise(rank_results(tmp_path / "resumed", 2), ddp_straight)
+
+
+def test_a_stop_during_validation_saves_at_once_and_the_resume_validates_then_goes_on(
+    tiny_dataset, tmp_path, ddp_straight
+):
+    """A signal reaching rank 1 as the first validation begins: every rank leaves validation
+    at the same batch, saves at step 6 (the epoch's steps done) and stops; the resumed run
+    starts with that validation, so history and weights equal the straight run's."""
+    flags = train_flags(tiny_dataset, tmp_path / "runs", "--epochs", "2")
+    env = {"NOA_TEST_STOP_IN_VALIDATION": "1:1"}
+    output = launch(2, flags, tmp_path / "stopped", env=env).stdout
+    marker = json.loads((tmp_path / "runs" / "run" / "STOPPED").read_text())
+    assert marker["reason"] == "SIGUSR1" and marker["step"] == 6, output[-3000:]
+    assert "Val:" not in output  # validation 1 was cut short
+    stopped = rank_results(tmp_path / "stopped", 2)
+    assert [r["state"]["batch_in_epoch"] for r in stopped] == [6, 6]
+    assert [r["state"]["epoch"] for r in stopped] == [0, 0]
+    resumed = launch(2, [*flags, "--resume", "auto"], tmp_path / "resumed").stdout
+    assert resumed.count("Val:") == 2, resumed[-3000:]
+    assert "Train: (no step of this epoch ran since the (re)start)" in resumed
+    assert_resumed_bitwise(rank_results(tmp_path / "resumed", 2), ddp_straight)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import math
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -53,6 +54,20 @@ def skipping_step(real_step, skip: set[int]):
         return StepResult(False, 0, nan, dict.fromkeys(names, nan), "reference skip")
 
     return step
+
+
+def stop_signal_in_validation(real_evaluate, rank: int, validation: int):
+    """evaluate, except that on `rank` a SIGUSR1 stop request is pending from the start of
+    validation number `validation` (1-based) on: a signal arriving as validation begins."""
+    calls = []
+
+    def evaluate(*args, stop_code=None, **kwargs):
+        calls.append(None)
+        if int(os.environ["RANK"]) == rank and len(calls) == validation:
+            stop_code = lambda: int(signal.SIGUSR1)  # noqa: E731
+        return real_evaluate(*args, stop_code=stop_code, **kwargs)
+
+    return evaluate
 
 
 class Counter:
@@ -118,6 +133,9 @@ def main() -> None:
         trainer_module.train_step = skipping_step(trainer_module.train_step, skip)
     if counter:
         trainer_module.train_step = counter.wrap_step(trainer_module.train_step)
+    if stop_in_validation := os.environ.get("NOA_TEST_STOP_IN_VALIDATION"):  # RANK:VALIDATION
+        rank, validation = map(int, stop_in_validation.split(":"))
+        trainer_module.evaluate = stop_signal_in_validation(trainer_module.evaluate, rank, validation)
     trainer = train.prepare(load_config(sys.argv[1:]))
     if counter and isinstance(trainer.model, torch.nn.parallel.DistributedDataParallel):
         trainer.model.register_comm_hook(None, counter.comm_hook)
