@@ -105,6 +105,7 @@ def test_files_of_rank_finds_accelerate_and_deepspeed_per_rank_names(tmp_path):
         "pytorch_model/zero_pp_rank_0_mp_rank_00_optim_states.pt",
         "pytorch_model/mp_rank_00_model_states.pt",
         "optimizer.bin",
+        ".tmp1fWEyi",  # the main process's atomic write in flight: gone by the time of fsync
     ]
     for name in names:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)

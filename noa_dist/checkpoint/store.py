@@ -134,11 +134,15 @@ def _write_state(accelerator: Accelerator, tmp: Path) -> None:
 def files_of_rank(root: Path, rank: int) -> list[Path]:
     """Files under root whose relative path carries `rank` as a separate number: how
     accelerate (`random_states_1.pkl`) and DeepSpeed (`zero_pp_rank_1_mp_rank_00_...`) name
-    what each rank writes. Finding a few more (a `_1` second model) only costs an fsync."""
+    what each rank writes. Finding a few more (a `_1` second model) only costs an fsync.
+    Dot files are skipped: another rank's atomic write in flight (`.tmp1fWEyi`), renamed or
+    gone a moment later (fsyncing one failed a save, seen once in the full suite)."""
     token = re.compile(rf"(?<![0-9]){rank}(?![0-9])")
     found = []
     for folder, _, names in os.walk(root):
         for name in names:
+            if name.startswith("."):
+                continue
             path = Path(folder) / name
             if token.search(path.relative_to(root).as_posix()):
                 found.append(path)
