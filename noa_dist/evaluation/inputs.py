@@ -32,7 +32,7 @@ from noa_dist.evaluation.groups import Groups, trajectory_groups
 class Inputs:
     checkpoint: Path
     kind: str  # checkpoint_kind(): "step" | "zero" | "best" | "export"
-    trained: dict  # epoch and global_step where the checkpoint records them
+    trained: dict  # {epoch (1-based: the epoch the weights are from), global_step} if recorded
     cfg: Config  # the checkpoint's own config
     root: Path
     split: str
@@ -77,13 +77,20 @@ def load_inputs(args: argparse.Namespace) -> Inputs:
 
 
 def _load(ckpt: Path, kind: str) -> tuple[dict, dict | None, dict]:
-    """(state_dict, config dict, {epoch, global_step} as far as the format records them)."""
+    """(state_dict, config dict, {epoch, global_step} as far as the format records them).
+
+    best/ stores the 0-based epoch it was validated at; a step folder the trainer state, whose
+    epoch counts finished epochs (the one in progress if batch_in_epoch > 0)."""
     if kind == "best":
         state_dict, meta = load_model_weights(ckpt)
-        trained = {k: meta[k] for k in ("epoch", "global_step") if k in meta}
+        trained = {"epoch": meta["epoch"] + 1} if "epoch" in meta else {}
+        trained |= {"global_step": meta["global_step"]} if "global_step" in meta else {}
         return state_dict, meta.get("config"), trained
     state_dict, config = load_weights(ckpt)
-    if kind in ("step", "zero"):
-        state = read_trainer_state(step_folder(ckpt)).get("state", {})
-        return state_dict, config, {k: state[k] for k in ("epoch", "global_step") if k in state}
-    return state_dict, config, {}
+    if kind not in ("step", "zero"):
+        return state_dict, config, {}
+    state = read_trainer_state(step_folder(ckpt)).get("state", {})
+    trained = {"global_step": state["global_step"]} if "global_step" in state else {}
+    if "epoch" in state:
+        trained["epoch"] = state["epoch"] + (1 if state.get("batch_in_epoch", 0) > 0 else 0)
+    return state_dict, config, trained
