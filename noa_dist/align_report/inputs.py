@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 
 from noa_dist.alignment import loss_window_length
 from noa_dist.build import spread_subset
-from noa_dist.checkpoint import checkpoint_kind, config_from_dict, load_weights
+from noa_dist.checkpoint import checkpoint_kind, load_weights_and_config
 from noa_dist.config import Config
 from noa_dist.data.dataset import WellWindowDataset
 from noa_dist.diagnose.inputs import dataset_root, load_model
@@ -47,10 +47,7 @@ def load_inputs(args: argparse.Namespace) -> Inputs:
     """Model, tokenizer and data for `args` (flags over the checkpoint's config)."""
     ckpt = Path(args.checkpoint).expanduser()
     kind = checkpoint_kind(ckpt)
-    state_dict, saved_config = load_weights(ckpt)
-    if saved_config is None:
-        raise ConfigError(f"{ckpt}: holds no config, so the model and data cannot be rebuilt")
-    cfg = config_from_dict(saved_config)
+    state_dict, cfg = load_weights_and_config(ckpt)
     timesteps = args.timesteps if args.timesteps is not None else cfg.data.timesteps
     batch_size = args.batch_size if args.batch_size is not None else cfg.data.batch_size
     problems = [f"--{k} {v}: must be >= 1" for k, v in

@@ -62,6 +62,15 @@ def load_weights(path: str | os.PathLike) -> tuple[StateDict, dict[str, Any] | N
     return load_safetensors(folder / WEIGHTS), config
 
 
+def load_weights_and_config(path: str | os.PathLike) -> tuple[StateDict, Config]:
+    """`load_weights`, with the Config the weights were trained with: what a tool needs to
+    rebuild the model and its data. A file without a config is refused, naming it."""
+    state_dict, saved_config = load_weights(path)
+    if saved_config is None:
+        raise ConfigError(f"{path}: holds no config, so the model and data cannot be rebuilt")
+    return state_dict, config_from_dict(saved_config)
+
+
 def checkpoint_kind(path: Path) -> str:
     """ "step", "zero", "best" or "export"; a ConfigError naming the path for anything else."""
     if not path.exists():

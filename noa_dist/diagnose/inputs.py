@@ -15,8 +15,7 @@ import torch
 from noa_dist import checkpoint
 from noa_dist.checkpoint import (
     checkpoint_kind,
-    config_from_dict,
-    load_weights,
+    load_weights_and_config,
     projector_dim,
     step_folder,
 )
@@ -51,10 +50,7 @@ def load_inputs(args: argparse.Namespace) -> Inputs:
     """Weights, config, settings, data and model for `args`; any problem is a ConfigError."""
     ckpt = Path(args.checkpoint).expanduser()
     kind = checkpoint_kind(ckpt)
-    state_dict, saved_config = load_weights(ckpt)
-    if saved_config is None:
-        raise ConfigError(f"{ckpt}: holds no config, so the model and data cannot be rebuilt")
-    cfg = config_from_dict(saved_config)
+    state_dict, cfg = load_weights_and_config(ckpt)
     settings = resolve_settings(args, cfg)
     root = dataset_root(args, cfg)
     dataset = WellWindowDataset(
