@@ -26,7 +26,8 @@ install() {
     if command -v slurmctld >/dev/null && command -v munged >/dev/null; then
         echo "slurm-wlm and munge already installed"; return
     fi
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurm-wlm munge
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -q slurm-wlm munge || { apt-get update -q && apt-get install -y -q slurm-wlm munge; }
 }
 
 write_conf() {
