@@ -325,3 +325,25 @@ def exit_process(code: int) -> NoReturn:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def run_tool(load: Callable[[], T], work: Callable[[Accelerator, T], None]) -> int:
+    """The frame of a tool that runs on one process or under `accelerate launch` (noa-align-
+    report, noa-eval): an Accelerator, `load()` on every rank (a problem on any rank stops
+    all of them with the same error), `work(accelerator, loaded)`, one `error:` line from the
+    main process for bad input (exit code 2), and the ranks leave together."""
+    accelerator = None
+    try:
+        accelerator = build_accelerator(
+            gradient_accumulation_steps=1, mixed_precision="no", log_with=None
+        )
+        check_world(accelerator)
+        work(accelerator, run_agreed(accelerator, load))
+    except NoaError as exc:
+        if accelerator is None or accelerator.is_main_process:
+            print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if accelerator is not None:
+            shutdown(accelerator)
+    return 0

@@ -146,24 +146,13 @@ def write_outputs(report: dict, args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    accelerator = None
-    try:
-        accelerator = distributed.build_accelerator(
-            gradient_accumulation_steps=1, mixed_precision="no", log_with=None
-        )
-        distributed.check_world(accelerator)
-        inputs = distributed.run_agreed(accelerator, lambda: load_inputs(args))
+
+    def work(accelerator, inputs: Inputs) -> None:
         report = align_report(accelerator, inputs)
         if accelerator.is_main_process:
             write_outputs(report, args)
-    except NoaError as exc:
-        if accelerator is None or accelerator.is_main_process:
-            print(f"error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        if accelerator is not None:
-            distributed.shutdown(accelerator)
-    return 0
+
+    return distributed.run_tool(lambda: load_inputs(args), work)
 
 
 if __name__ == "__main__":

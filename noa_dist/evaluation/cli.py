@@ -8,7 +8,6 @@ the per-trajectory rows in one gather; rank 0 alone prints and writes files.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from torch.utils.data import DataLoader
@@ -128,23 +127,11 @@ def write_outputs(report: dict, frames, out: str | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    accelerator = None
-    try:
-        accelerator = distributed.build_accelerator(
-            gradient_accumulation_steps=1, mixed_precision="no", log_with=None
-        )
-        distributed.check_world(accelerator)
-        inputs = distributed.run_agreed(accelerator, lambda: load_inputs(args))
+
+    def work(accelerator, inputs) -> None:
         sums = evaluate(accelerator, inputs, args.frames)
         if accelerator.is_main_process:
-            write_outputs(
-                build_report(inputs, sums, accelerator.num_processes), sums.frames, args.out
-            )
-    except NoaError as exc:
-        if accelerator is None or accelerator.is_main_process:
-            print(f"error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        if accelerator is not None:
-            distributed.shutdown(accelerator)
-    return 0
+            report = build_report(inputs, sums, accelerator.num_processes)
+            write_outputs(report, sums.frames, args.out)
+
+    return distributed.run_tool(lambda: load_inputs(args), work)
