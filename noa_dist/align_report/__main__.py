@@ -1,7 +1,6 @@
 """`python -m noa_dist.align_report` = `noa-align-report` (also under `accelerate launch -m`)."""
 
-import sys
-
+from noa_dist import distributed
 from noa_dist.align_report.cli import main
 
-sys.exit(main())
+distributed.exit_process(main())
