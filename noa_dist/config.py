@@ -41,6 +41,15 @@ class DataConfig:
     val_samples: int | None = _doc(
         "use only the first N validation windows (default: all)", default=None
     )
+    val_rollout_steps: int | None = _doc(
+        "each validation also rolls a few validation trajectories out this many steps from "
+        "their first state (VRMSE at the horizon, steps to VRMSE > 1); 0: off; default: "
+        "min(32, frames stored - 1)",
+        default=None,
+    )
+    val_rollout_trajectories: int = _doc(
+        "validation trajectories of that long rollout (one per demo family in turn)", default=4
+    )
     timesteps: int = _doc("rollout length T (predicted steps per sample)", default=16)
     window_stride: int | None = _doc(
         "stride between window starts in a trajectory (default: timesteps)", default=None
@@ -388,6 +397,7 @@ def config_problems(cfg: Config) -> list[str]:
         "gradient_accumulation_steps",
         "log_every",
         "max_consecutive_skips",
+        "val_rollout_trajectories",
     ]
     for name in positive:
         if flat[name] < 1:
@@ -405,6 +415,10 @@ def config_problems(cfg: Config) -> list[str]:
     for name in ("num_workers", "warmup_steps", "save_every", "run_lock_wait"):
         if flat[name] < 0:
             problems.append(f"--{name.replace('_', '-')}: must be >= 0, got {flat[name]}")
+    if flat["val_rollout_steps"] is not None and flat["val_rollout_steps"] < 0:
+        problems.append(
+            f"--val-rollout-steps: must be >= 0 or unset, got {flat['val_rollout_steps']}"
+        )
     if not flat["lr"] > 0:
         problems.append(f"--lr: must be > 0, got {flat['lr']}")
     if not flat["max_grad_norm"] > 0:

@@ -4,18 +4,33 @@ Each rank sees an equal number of batches (the eval sampler pads; padded samples
 out of every sum), so model calls that gather parameters (ZeRO-3) never deadlock. The loss
 terms come from the training loss function, on the training loss's window length. Sums stay
 on the device until the single all-reduce at the end.
+
+With `--val-rollout-steps H` (default min(32, stored frames - 1)) each validation also rolls
+`--val-rollout-trajectories` validation trajectories out H steps from their first state, with
+noa-eval's measurement (noa_dist/evaluation/measure.py: the same sums, baselines and
+steps-to-VRMSE > 1, reduced across ranks the same way), so long-horizon degradation shows
+while training: `val/rollout_vrmse_at_horizon`, `val/rollout_steps_to_vrmse_above_1`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from accelerate import Accelerator
+from torch.utils.data import DataLoader, Subset
 
 from noa_dist import distributed
-from noa_dist.errors import DataError
+from noa_dist.config import Config
+from noa_dist.data.dataset import WellWindowDataset
+from noa_dist.data.sampler import ShardedEvalSampler
+from noa_dist.data.schema import read_split_info
+from noa_dist.errors import ConfigError, DataError
+from noa_dist.evaluation import measure as rollout_measure
+from noa_dist.evaluation.groups import ALL, Groups, trajectory_groups
+from noa_dist.evaluation.summary import group_report
 from noa_dist.losses import combine
 from noa_dist.metrics import persistence_prediction, vrmse
 from noa_dist.rollout import iter_windows, window_loss_weight
@@ -43,6 +58,7 @@ class ValResult:
     # per tokenizer codebook, over the predicted windows (empty without a tokenizer)
     token_utilization: list[float] = field(default_factory=list)  # fraction of codes used
     token_perplexity: list[float] = field(default_factory=list)  # exp(entropy of code use)
+    rollout: RolloutResult | None = None  # the long rollout (validate_rollout), if enabled
 
     @property
     def loss(self) -> float:
@@ -204,3 +220,163 @@ class CodeHistogram:
         flat = distributed.sum_across_ranks(accelerator, torch.cat(self.counts)).cpu()
         usage = [code_usage(c) for c in torch.split(flat, [c.numel() for c in self.counts])]
         return [u["utilization"] for u in usage], [u["perplexity"] for u in usage]
+
+
+# ---------------------------------------------------------------- the long rollout
+
+DEFAULT_ROLLOUT_STEPS = 32  # capped by the stored frames; --val-rollout-steps overrides
+ROLLOUT_FRAMES = 3  # trajectories of the main process kept for the figures
+
+
+@dataclass
+class RolloutSet:
+    """The few validation trajectories rolled out long at each validation (one window each,
+    from the first stored state); this rank's shard, padded like the validation split."""
+
+    dataset: WellWindowDataset
+    loader: DataLoader
+    n_real: int
+    groups: Groups
+    horizon: int
+    trajectories: list[int]
+
+
+@dataclass
+class RolloutResult:
+    horizon: int
+    trajectories: int
+    channels: tuple[str, ...]
+    vrmse_per_step: dict[str, list[float | None]]  # method -> per step, mean over fields
+    steps_to_vrmse_above_1: dict[str, float | None]  # method -> mean over trajectories
+    frames: list[rollout_measure.Frames] = field(default_factory=list, repr=False)
+    inputs: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)  # traj -> u0 CHW
+
+    def metrics(self) -> dict[str, float]:
+        """The W&B / val_metrics.json keys (None, an undefined mean, becomes NaN)."""
+        nan = float("nan")
+        out = {"val/rollout_horizon": float(self.horizon)}
+        for method, prefix in (
+            ("model", "val/rollout_"),
+            ("persistence", "val/rollout_persistence_"),
+        ):
+            at_horizon = self.vrmse_per_step[method][-1]
+            steps = self.steps_to_vrmse_above_1[method]
+            out[f"{prefix}vrmse_at_horizon"] = nan if at_horizon is None else at_horizon
+            out[f"{prefix}steps_to_vrmse_above_1"] = nan if steps is None else steps
+        return out
+
+
+def rollout_set(cfg: Config, accelerator: Accelerator, root) -> RolloutSet | None:
+    """The long-rollout trajectories of the valid split, or None with --val-rollout-steps 0."""
+    stored = read_split_info(root, "valid").n_steps
+    horizon = cfg.data.val_rollout_steps
+    if horizon is None:
+        horizon = min(DEFAULT_ROLLOUT_STEPS, stored - 1)
+    if horizon == 0:
+        return None
+    if horizon > stored - 1:
+        raise ConfigError(
+            f"--val-rollout-steps {horizon}: the valid split of {root} stores {stored} frames "
+            f"per trajectory, so a rollout from the first one has at most {stored - 1} steps"
+        )
+    source = WellWindowDataset(root, "valid", horizon, window_stride=stored)
+    groups = trajectory_groups(source.info, source.layout.predicted)
+    picked = _pick_trajectories(groups, cfg.data.val_rollout_trajectories)
+    sampler = ShardedEvalSampler(
+        len(picked), num_replicas=accelerator.num_processes, rank=accelerator.process_index
+    )
+    # its own generator: iterating must not draw from the global RNG (resumes stay bitwise)
+    loader = DataLoader(
+        Subset(source, picked),
+        sampler=sampler,
+        batch_size=cfg.data.batch_size,
+        generator=torch.Generator().manual_seed(cfg.train.seed),
+    )
+    return RolloutSet(source, loader, sampler.n_real, groups, horizon, picked)
+
+
+def _pick_trajectories(groups: Groups, n: int) -> list[int]:
+    """n trajectories (all if fewer), taking each family's next one in turn (the demo's
+    three families all appear); a dataset without families gives n evenly spread ones."""
+    total = groups.member_NG.shape[0]
+    families = [g for g, name in enumerate(groups.names) if name != ALL]
+    if not families:
+        return sorted(set(np.linspace(0, total - 1, min(n, total)).round().astype(int).tolist()))
+    queues = [np.flatnonzero(groups.member_NG[:, g]).tolist() for g in families]
+    picked: list[int] = []
+    while len(picked) < n and any(queues):
+        for queue in queues:
+            if queue and len(picked) < n:
+                picked.append(queue.pop(0))
+    return sorted(picked)
+
+
+@torch.no_grad()
+def validate_rollout(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    rollout: RolloutSet,
+    stop_code: Callable[[], int] | None = None,
+) -> RolloutResult:
+    """Roll this rank's trajectories out `rollout.horizon` steps (noa-eval's `measure`), reduce
+    over the ranks (one all-reduce, one gather) and summarise; every rank returns the result,
+    frames for the figures only on the main process. A stop request is agreed before each
+    batch, as in `evaluate` (StoppedDuringValidation on every rank)."""
+    norm = rollout.dataset.norm
+    was_training = model.training
+    model.eval()
+    try:
+        sums = rollout_measure.measure(
+            model,
+            _agreeing_batches(accelerator, rollout.loader, stop_code),
+            rollout.n_real,
+            rollout.groups,
+            (norm.mean_predicted, norm.std_predicted),
+            rollout.horizon,
+            accelerator.device,
+            n_frames=ROLLOUT_FRAMES if accelerator.is_main_process else 0,
+        )
+    finally:
+        model.train(was_training)
+        rollout.dataset.close()  # no HDF5 handle left open for a later fork
+    sums = rollout_measure.reduce(
+        sums,
+        lambda t: distributed.sum_across_ranks(accelerator, t),
+        lambda rows: distributed.gather_reports(accelerator, rows),
+    )
+    return _rollout_result(sums, rollout)
+
+
+def _agreeing_batches(
+    accelerator: Accelerator, loader: Iterable, stop_code: Callable[[], int] | None
+) -> Iterable:
+    for batch in loader:
+        if stop_code is not None and (
+            code := distributed.max_across_ranks(accelerator, stop_code())[0]
+        ):
+            raise StoppedDuringValidation(code)  # every rank, at the same batch
+        yield batch
+
+
+def _rollout_result(sums: rollout_measure.Sums, rollout: RolloutSet) -> RolloutResult:
+    channels = tuple(rollout.dataset.layout.predicted)
+    report = group_report(sums, rollout.groups, 0, channels, [(0, rollout.horizon)])  # "all"
+    lengths = report["rollout"]["steps_to_vrmse_above_1"]
+    norm = rollout.dataset.norm
+    inputs = {}
+    for f in sums.frames:  # the state each kept rollout started from, denormalised
+        u0_CHW = rollout.dataset[f.trajectory]["u0"]
+        inputs[f.trajectory] = (
+            u0_CHW * torch.as_tensor(norm.std_predicted)[:, None, None]
+            + (torch.as_tensor(norm.mean_predicted)[:, None, None])
+        )
+    rollout.dataset.close()
+    return RolloutResult(
+        horizon=rollout.horizon,
+        trajectories=len(rollout.trajectories),
+        channels=channels,
+        vrmse_per_step={m: report["per_step"][m]["vrmse"]["mean"] for m in rollout_measure.METHODS},
+        steps_to_vrmse_above_1={m: lengths[m]["mean"] for m in rollout_measure.METHODS},
+        frames=sums.frames,
+        inputs=inputs,
+    )

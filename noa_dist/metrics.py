@@ -4,7 +4,8 @@ VRMSE (the_well/benchmark/metrics/spatial.py) = sqrt(MSE / (Var_space(target) + 
 field and step, with the unbiased (N - 1) spatial variance and eps = 1e-7 added to the
 variance. 1.0 is the score of predicting the spatial mean; persistence (u_t = u_0) is the
 baseline an autoregressive model has to beat. Relative L2 is The Well's NRMSE; the binned
-spectral MSE/NMSE is its `binned_spectral_mse` (benchmark/metrics/spectral.py).
+spectral MSE/NMSE is its `binned_spectral_mse` (benchmark/metrics/spectral.py); the radial
+energy spectrum (per integer wavenumber shell) is what the figures draw.
 """
 
 from __future__ import annotations
@@ -57,12 +58,35 @@ def spectral_bin_edges(spatial_shape: tuple[int, ...]) -> Tensor:
 def _wavenumber_bins(spatial_shape: tuple[int, ...], device: torch.device) -> Tensor:
     """[prod(shape), SPECTRAL_BINS] one-hot bin of each flattened isotropic wavenumber 2pi*|f|
     (wavenumbers beyond the last edge belong to no bin, as in The Well)."""
+    index = torch.bucketize(
+        _wavenumber_magnitude(spatial_shape).flatten(),
+        spectral_bin_edges(spatial_shape),
+        right=True,
+    )
+    return F.one_hot(index - 1, SPECTRAL_BINS + 1)[:, :SPECTRAL_BINS].to(device)
+
+
+def _wavenumber_magnitude(spatial_shape: tuple[int, ...]) -> Tensor:
+    """Isotropic wavenumber 2pi*|f| (radians per grid cell) of each FFT mode, shape `spatial_shape`."""
     squared = torch.zeros(spatial_shape)
     for axis, n in enumerate(spatial_shape):
         k = (2 * np.pi * torch.fft.fftfreq(n)).reshape((n,) + (1,) * (len(spatial_shape) - 1))
         squared = squared + torch.moveaxis(k, 0, axis) ** 2
-    index = torch.bucketize(squared.sqrt().flatten(), spectral_bin_edges(spatial_shape), right=True)
-    return F.one_hot(index - 1, SPECTRAL_BINS + 1)[:, :SPECTRAL_BINS].to(device)
+    return squared.sqrt()
+
+
+def radial_energy_spectrum(x: Tensor) -> Tensor:
+    """Energy per integer wavenumber shell, [..., H, W] -> [..., K], in fp64.
+
+    Shell k holds the modes whose wavenumber, in cycles per domain (of the longer side), rounds
+    to k; K covers every mode, so by Parseval the shells add up to mean(x^2). The wavenumbers
+    are those of `binned_spectral_error` (The Well's bins are ranges of the same |k|)."""
+    shape = tuple(x.shape[-2:])
+    shell = (_wavenumber_magnitude(shape) * max(shape) / (2 * np.pi)).round().long().flatten()
+    power = torch.fft.fft2(x.double(), dim=SPATIAL_DIMS).abs().square().flatten(-2)
+    energy = torch.zeros(*power.shape[:-1], int(shell.max()) + 1, dtype=power.dtype)
+    energy = energy.to(power.device).index_add_(-1, shell.to(power.device), power)
+    return energy / math.prod(shape) ** 2
 
 
 def binned_spectral_error(pred: Tensor, target: Tensor, eps: float = 1e-7) -> tuple[Tensor, Tensor]:

@@ -1,4 +1,8 @@
-"""Figures for W&B and for files: rollout frames, loss curves, VRMSE per rollout step.
+"""Figures for W&B and for files: rollout frames, VRMSE per rollout step, energy spectra.
+
+The trainer draws them after each validation, noa-eval for its report; the training curves
+of a run are noa_dist/plot_run.py's (`noa-plot`). Every number on them comes from
+noa_dist/metrics.py (one VRMSE, one spectrum).
 
 Figures are built as `matplotlib.figure.Figure` objects without pyplot, so no GUI backend
 and no global figure registry is involved (PNG output uses Agg); this is safe in worker
@@ -14,9 +18,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
-from noa_dist.metrics import vrmse
+from noa_dist.metrics import radial_energy_spectrum, vrmse
 
 _EPS = 1e-7  # smallest half-range of the error colour scale (an exact prediction is all 0)
 _PANEL_INCHES = 2.3
@@ -46,12 +52,15 @@ def rollout_figure(
     steps: Sequence[int] | None = None,
     channel: int = 0,
     title: str = "",
+    input_CHW: Any = None,
 ) -> Figure:
     """Truth / prediction / error rows at the chosen 1-based rollout `steps` of one channel.
 
-    Truth and prediction share one colour scale (the truth's range, so a diverging
-    prediction saturates instead of washing out the truth); the error row uses a symmetric
-    diverging scale. Each prediction panel is titled with its frame VRMSE (`frames_vrmse`).
+    With `input_CHW` (the state the rollout started from) a first column shows it and a last
+    row the persistence error (input - truth): the error the model has to beat. Truth, input
+    and prediction share one colour scale (the truth's range, so a diverging prediction
+    saturates instead of washing out the truth); the error rows share one symmetric diverging
+    scale. Panels are titled with their frame VRMSE (`frames_vrmse`).
     """
     truth_TCHW, pred_TCHW = _as_numpy(truth_TCHW), _as_numpy(pred_TCHW)
     _check_rollout(truth_TCHW, pred_TCHW, channel)
@@ -59,27 +68,38 @@ def rollout_figure(
     _check_steps(steps, truth_TCHW.shape[0])
     truth_SHW = truth_TCHW[[s - 1 for s in steps], channel]
     pred_SHW = pred_TCHW[[s - 1 for s in steps], channel]
-    error_SHW = pred_SHW - truth_SHW
-    vrmse_S = frames_vrmse(truth_SHW, pred_SHW)
+    rows = [("truth", truth_SHW, None), ("prediction", pred_SHW, frames_vrmse(truth_SHW, pred_SHW))]
+    rows.append(("error (pred - truth)", pred_SHW - truth_SHW, None))
+    input_HW = None if input_CHW is None else _as_numpy(input_CHW)[channel]
+    if input_HW is not None:
+        persistence_SHW = np.broadcast_to(input_HW, truth_SHW.shape)
+        vrmse_S = frames_vrmse(truth_SHW, np.ascontiguousarray(persistence_SHW))
+        rows.append(("persistence error\n(input - truth)", persistence_SHW - truth_SHW, vrmse_S))
+    lead = 0 if input_HW is None else 1
     fig = Figure(
-        figsize=(_PANEL_INCHES * len(steps) + 1.2, _PANEL_INCHES * 3 + 0.5), layout="constrained"
+        figsize=(_PANEL_INCHES * (len(steps) + lead) + 1.2, _PANEL_INCHES * len(rows) + 0.6),
+        layout="constrained",
     )
-    axes = fig.subplots(3, len(steps), squeeze=False, sharex=True, sharey=True)
+    axes = fig.subplots(len(rows), len(steps) + lead, squeeze=False, sharex=True, sharey=True)
     lo, hi = _finite_range(truth_SHW)
-    err = max(_finite_range(np.abs(error_SHW))[1], _EPS)
-    rows = (
-        ("truth", truth_SHW, {"cmap": "viridis", "vmin": lo, "vmax": hi}),
-        ("prediction", pred_SHW, {"cmap": "viridis", "vmin": lo, "vmax": hi}),
-        ("error (pred - truth)", error_SHW, {"cmap": "RdBu_r", "vmin": -err, "vmax": err}),
-    )
-    for r, (label, frames_SHW, style) in enumerate(rows):
+    err = max(max(_finite_range(np.abs(frames))[1] for _, frames, _ in rows[2:]), _EPS)
+    for r, (label, frames_SHW, vrmse_S) in enumerate(rows):
+        style = {"cmap": "viridis", "vmin": lo, "vmax": hi}
+        if r >= 2:
+            style = {"cmap": "RdBu_r", "vmin": -err, "vmax": err}
         for c, frame_HW in enumerate(frames_SHW):
-            image = axes[r, c].imshow(frame_HW, origin="lower", interpolation="nearest", **style)
-        fig.colorbar(image, ax=axes[r, :], shrink=0.9, pad=0.02)
-        axes[r, 0].set_ylabel(label)
-    for c, step in enumerate(steps):
-        axes[0, c].set_title(f"step {step}")
-        axes[1, c].set_title(f"step {step}  VRMSE {vrmse_S[c]:.3f}")
+            ax = axes[r, c + lead]
+            image = ax.imshow(frame_HW, origin="lower", interpolation="nearest", **style)
+            vrmse_text = "" if vrmse_S is None else f"  VRMSE {vrmse_S[c]:.3f}"
+            ax.set_title(f"step {steps[c]}{vrmse_text}", fontsize="small")
+        if r in (1, len(rows) - 1):  # one scale for the fields, one for the errors
+            fig.colorbar(image, ax=axes[:2] if r == 1 else axes[2:], shrink=0.9, pad=0.02)
+        axes[r, lead].set_ylabel(label)
+    if input_HW is not None:
+        axes[0, 0].imshow(input_HW, origin="lower", interpolation="nearest", vmin=lo, vmax=hi)
+        axes[0, 0].set_title("input (step 0)", fontsize="small")
+        for ax in axes[1:, 0]:
+            ax.set_axis_off()
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
@@ -112,36 +132,37 @@ def _finite_range(x: np.ndarray) -> tuple[float, float]:
     return (lo, hi) if hi > lo else (lo - 0.5, hi + 0.5)
 
 
-def loss_curves_figure(
-    history: Mapping[str, Sequence[float]],
-    steps: Mapping[str, Sequence[int]] | None = None,
-    title: str = "loss",
-) -> Figure:
-    """One line per series (e.g. "train/loss", "val/loss") on a log y-axis.
+VRMSE_STYLES = {
+    "model": {"marker": "o", "linewidth": 2.0},
+    "persistence": {"marker": "s", "linestyle": "--"},
+    "linear_extrapolation": {"marker": "^", "linestyle": "-."},
+    "spatial_mean": {"marker": "x", "linestyle": ":"},
+}
 
-    `steps[name]` gives each series' x positions (training step); without it a series is
-    plotted against 1..n, which is right only when all series were logged equally often.
-    """
+
+def draw_vrmse_per_step(ax: Axes, curves: Mapping[str, Sequence[float | None]]) -> None:
+    """VRMSE against rollout step 1..T of each method (model, baselines) on a log y-axis,
+    whole-step ticks, a grey line at 1.0 (the spatial mean's score). None/0/NaN are gaps."""
+    for method, values in curves.items():
+        y = np.array([np.nan if v is None else float(v) for v in values], dtype=float)
+        y[~(y > 0)] = np.nan  # a log axis cannot show 0 (an exact forecast)
+        style = VRMSE_STYLES.get(method, {"marker": "."})
+        ax.plot(np.arange(1, y.size + 1), y, label=method.replace("_", " "), markersize=3, **style)
+    ax.axhline(1.0, color="grey", linewidth=0.8)
+    ax.set_yscale("log")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("rollout step")
+    ax.grid(True, which="both", alpha=0.3)
+
+
+def vrmse_steps_figure(curves: Mapping[str, Sequence[float | None]], title: str) -> Figure:
+    """One panel of `draw_vrmse_per_step`: method -> VRMSE per rollout step."""
     fig = Figure(figsize=(6.4, 4.0), layout="constrained")
     ax = fig.subplots()
-    any_positive = False
-    for name, values in history.items():
-        y = _as_numpy(values).reshape(-1)
-        x = (
-            np.arange(1, y.size + 1)
-            if steps is None or name not in steps
-            else _as_numpy(steps[name])
-        )
-        ax.plot(x, y, label=name, marker="o" if y.size < 30 else None, markersize=3)
-        any_positive |= bool(np.any(y[np.isfinite(y)] > 0))
-    if any_positive:
-        ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
-    if history:
-        ax.legend()
+    draw_vrmse_per_step(ax, curves)
+    ax.set_ylabel("VRMSE (mean over fields)")
+    ax.set_title(title, fontsize="medium")
+    ax.legend(fontsize="small")
     return fig
 
 
@@ -151,26 +172,69 @@ def vrmse_figure(
     title: str = "VRMSE per rollout step",
 ) -> Figure:
     """Model VRMSE vs the persistence baseline (u(t+k) = u(t)) against rollout step k."""
-    model, persistence = _as_numpy(vrmse_per_step).ravel(), _as_numpy(persistence_per_step).ravel()
-    fig = Figure(figsize=(6.4, 4.0), layout="constrained")
-    ax = fig.subplots()
-    ax.plot(np.arange(1, model.size + 1), model, marker="o", markersize=3, label="model")
-    ax.plot(
-        np.arange(1, persistence.size + 1),
-        persistence,
-        marker="s",
-        markersize=3,
-        linestyle="--",
-        label="persistence",
-    )
-    ax.axhline(1.0, color="grey", linewidth=0.8, linestyle=":", label="spatial mean (1.0)")
-    ax.set_xlabel("rollout step k")
-    ax.set_ylabel("VRMSE")
-    ax.set_ylim(bottom=0)
-    ax.set_title(title)
-    ax.grid(True, alpha=0.3)
-    ax.legend()
+    curves = {"model": _as_numpy(vrmse_per_step).ravel(), "persistence": persistence_per_step}
+    return vrmse_steps_figure({k: _as_numpy(v).ravel().tolist() for k, v in curves.items()}, title)
+
+
+def spectra_figure(
+    rollouts: Sequence[tuple[str, Any, Any]],
+    steps: Sequence[int],
+    channel: int = 0,
+    title: str = "",
+) -> Figure:
+    """Radial energy spectra of truth (solid) and prediction (dashed) at the 1-based `steps`,
+    one log-log panel per (label, truth_TCHW, pred_TCHW), from k = 1 (the mean is left out)
+    to the Nyquist wavenumber of the shorter side."""
+    fig = Figure(figsize=(4.2 * len(rollouts) + 0.6, 4.0), layout="constrained")
+    axes = fig.subplots(1, len(rollouts), squeeze=False)[0]
+    colours = [f"C{i}" for i in range(len(steps))]
+    for ax, (label, truth_TCHW, pred_TCHW) in zip(axes, rollouts, strict=True):
+        for step, colour in zip(steps, colours, strict=True):
+            for frames, style, name in ((truth_TCHW, "-", "truth"), (pred_TCHW, "--", "pred")):
+                frame = torch.as_tensor(_as_numpy(frames)[step - 1, channel])
+                nyquist = min(frame.shape) // 2  # shells beyond it are only partly filled
+                energy_K = radial_energy_spectrum(frame).numpy()[: nyquist + 1]
+                k = np.arange(1, energy_K.size)
+                y = energy_K[1:].copy()
+                y[~(y > 0)] = np.nan
+                ax.plot(k, y, style, color=colour, label=f"{name} step {step}")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("wavenumber k (cycles per domain)")
+        ax.set_title(label, fontsize="medium")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("energy E(k)")
+    axes[0].legend(fontsize="x-small", ncol=2)
+    fig.suptitle(title or f"radial energy spectra, channel {channel}", fontsize="medium")
     return fig
+
+
+def long_rollout_figures(r: Any, where: str) -> dict[str, Figure]:
+    """W&B key -> figure for validation's long rollout (`evaluate.RolloutResult`): VRMSE per
+    step of the model and the baselines, spectra and one frames figure (input, truth,
+    prediction, both errors) per kept trajectory, of the first channel; `where` heads the
+    titles (epoch, step, split)."""
+    title = f"{where}: {r.trajectories} trajectories from their first state"
+    figures = {"val/vrmse_per_step": vrmse_steps_figure(r.vrmse_per_step, title)}
+    if not r.frames:
+        return figures
+    steps = default_steps(r.horizon)
+    channel = r.channels[0]
+    labels = [f"{f.group} · trajectory {f.trajectory}" for f in r.frames]
+    figures["val/spectra"] = spectra_figure(
+        [(label, f.truth_TCHW, f.pred_TCHW) for label, f in zip(labels, r.frames, strict=True)],
+        steps,
+        title=f"{where}: radial energy spectra of {channel}",
+    )
+    for label, f in zip(labels, r.frames, strict=True):
+        figures[f"val/rollout/{f.group}_{f.trajectory:04d}"] = rollout_figure(
+            f.truth_TCHW,
+            f.pred_TCHW,
+            steps,
+            title=f"{where} · {label} · channel {channel}",
+            input_CHW=r.inputs[f.trajectory],
+        )
+    return figures
 
 
 def save_figure(fig: Figure, path: Path | str, dpi: int = 110) -> Path:

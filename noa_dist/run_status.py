@@ -7,6 +7,10 @@ resumed with `--resume auto`) or `FINISHED` (the run reached its end), each a JS
 with the reason, the step and the checkpoint. A crash leaves neither. A (re)start clears both.
 `val_metrics.json` holds the last validation's metrics (the keys logged to W&B), its step and
 the run's config; it is rewritten after every validation (`noa-sweep --summary` reads it).
+`metrics.jsonl` is the run's record, appended by the main process: one JSON object per line
+with `kind` ("train" at each log point, "val" after each validation, "skip" per skipped step)
+and the optimizer `step`, plus the metrics logged to W&B under that step; a (re)start at step
+S first drops the rows beyond S (a resumed run repeats those steps). `noa-plot` reads it.
 
     if [ -f runs/exp1/STOPPED ]; then scontrol requeue "$SLURM_JOB_ID"; fi
 """
@@ -23,6 +27,7 @@ from noa_dist.atomic import atomic_write_text
 STOPPED = "STOPPED"
 FINISHED = "FINISHED"
 VAL_METRICS = "val_metrics.json"
+METRICS_LOG = "metrics.jsonl"
 
 
 def clear(run_dir: Path) -> None:
@@ -56,3 +61,38 @@ def write_val_metrics(
 def read_val_metrics(run_dir: Path) -> dict[str, Any] | None:
     path = Path(run_dir) / VAL_METRICS
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def append_metrics(run_dir: Path, kind: str, step: int, metrics: dict[str, Any]) -> None:
+    """Append one row {"kind", "step", **metrics} to metrics.jsonl (main process only)."""
+    row = json.dumps({"kind": kind, "step": step, **metrics}, default=float)
+    with open(Path(run_dir) / METRICS_LOG, "a", encoding="utf-8") as f:
+        f.write(row + "\n")
+
+
+def truncate_metrics(run_dir: Path, step: int) -> None:
+    """Keep the rows up to `step` (where a (re)start continues) and drop a torn last line."""
+    path = Path(run_dir) / METRICS_LOG
+    if not path.is_file():
+        return
+    rows = read_metrics(run_dir)
+    kept = [row for row in rows if row["step"] <= step]
+    text = "".join(json.dumps(row) + "\n" for row in kept)
+    if text != path.read_text(encoding="utf-8"):
+        atomic_write_text(path, text)
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The rows of metrics.jsonl (a line cut short by a crash is left out); [] without one."""
+    path = Path(run_dir) / METRICS_LOG
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
+    return rows

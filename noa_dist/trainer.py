@@ -16,11 +16,18 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from noa_dist import checkpoint, distributed, faults, plots, report, run_status, tracking
+from noa_dist import checkpoint, distributed, faults, plot_run, plots, report, run_status, tracking
 from noa_dist.build import Built
 from noa_dist.config import Config
 from noa_dist.errors import NoaError
-from noa_dist.evaluate import StoppedDuringValidation, ValResult, evaluate
+from noa_dist.evaluate import (
+    RolloutResult,
+    StoppedDuringValidation,
+    ValResult,
+    evaluate,
+    rollout_set,
+    validate_rollout,
+)
 from noa_dist.resume import current_lr
 from noa_dist.state import TrainState
 from noa_dist.step import StepResult, train_step
@@ -73,6 +80,7 @@ class Trainer:
         self.state = TrainState(run_dir=str(run_dir))
         self.run_lock: checkpoint.RunLock | None = None  # held by the main process (train.py)
         self.term_names = list(built.step_settings.loss_weights)
+        self.rollout = rollout_set(cfg, accelerator, built.data.val_source.root)
         if cfg.debug.debug_hang_in_save is not None:
             hook = faults.hang_in_save_hook(
                 cfg.debug.debug_hang_in_save, lambda: self.state.global_step
@@ -116,6 +124,8 @@ class Trainer:
     # ----------------------------------------------------------------- loop
     def fit(self) -> Outcome:
         val, stopped_by, saved = None, None, None
+        if self.accelerator.is_main_process:  # a resumed run repeats the steps after its checkpoint
+            run_status.truncate_metrics(self.run_dir, self.state.global_step)
         while self.state.epoch < self.cfg.train.epochs and stopped_by is None:
             report.epoch_header(self.state.epoch, self.cfg.train.epochs)
             epoch_start = time.perf_counter()
@@ -193,6 +203,7 @@ class Trainer:
         st.skipped_steps += 1
         st.consecutive_skips += 1
         st.history["skipped"].append(st.global_step)
+        self._record("skip", {"reason": result.skip_reason})
         report.log.warning(
             f"Warning: NaN/Inf at step {st.global_step}, skipping update on all ranks: "
             f"{result.skip_reason}"
@@ -221,6 +232,12 @@ class Trainer:
             metrics,
         )
         tracking.log_metrics(self.accelerator, metrics, step=st.global_step)
+        self._record("train", {"epoch": st.epoch, **metrics})
+
+    def _record(self, kind: str, row: dict) -> None:
+        """One row of runs/<name>/metrics.jsonl (main process), what `noa-plot` draws."""
+        if self.accelerator.is_main_process:
+            run_status.append_metrics(self.run_dir, kind, self.state.global_step, row)
 
     # ----------------------------------------------------------------- epoch end
     def _end_epoch(self, train_terms: dict[str, float], seconds: float) -> ValResult:
@@ -236,6 +253,10 @@ class Trainer:
             tokenizer=self.built.tokenizer,
             stop_code=lambda: self.stop.code,
         )
+        if self.rollout is not None:
+            val.rollout = validate_rollout(
+                self.accelerator, self.model, self.rollout, stop_code=lambda: self.stop.code
+            )
         st = self.state
         improved = val.nonfinite_samples == 0 and val.loss < st.best_val_loss
         if improved:
@@ -248,6 +269,8 @@ class Trainer:
         for name in self.term_names:
             st.history.setdefault(f"val_{name}", []).append(val.terms[name])
         report.epoch_summary(train_terms, val, seconds, improved)
+        if val.rollout is not None:
+            _rollout_line(val.rollout)
         self._log_validation(val)
         st.epoch, st.batch_in_epoch = st.epoch + 1, 0
         self.save()
@@ -288,7 +311,10 @@ class Trainer:
             zip(val.vrmse_per_step, val.persistence_vrmse_per_step, strict=True), start=1
         ):
             metrics[f"val/vrmse_step_{k}"], metrics[f"val/persistence_vrmse_step_{k}"] = m, p
+        if val.rollout is not None:
+            metrics.update(val.rollout.metrics())
         tracking.log_metrics(self.accelerator, metrics, step=self.state.global_step)
+        self._record("val", metrics)
         if self.accelerator.is_main_process:
             run_status.write_val_metrics(
                 self.run_dir, metrics, step=self.state.global_step, config=self.cfg.to_dict()
@@ -297,17 +323,29 @@ class Trainer:
             self._validation_figures(val)
 
     def _validation_figures(self, val: ValResult) -> None:
-        truth, pred = val.example
+        """figures/: per-step VRMSE, rollout frames and spectra of the long rollout (of the
+        validation windows when it is off), named by epoch; the same figures go to W&B."""
         epoch = self.state.epoch + 1
-        figures = {
-            "val/rollout": plots.rollout_figure(truth, pred, title=f"epoch {epoch}"),
-            "val/vrmse_per_step": plots.vrmse_figure(
-                val.vrmse_per_step, val.persistence_vrmse_per_step
-            ),
-        }
+        where = f"epoch {epoch} · step {self.state.global_step} · valid"
+        if val.rollout is not None:
+            figures = plots.long_rollout_figures(val.rollout, where)
+        else:
+            truth, pred = val.example
+            n = len(val.vrmse_per_step)
+            figures = {
+                "val/rollout": plots.rollout_figure(truth, pred, title=f"{where} · channel 0"),
+                "val/vrmse_per_step": plots.vrmse_figure(
+                    val.vrmse_per_step,
+                    val.persistence_vrmse_per_step,
+                    title=f"{where}: {val.n_samples} windows of {n} steps",
+                ),
+            }
         for name, fig in figures.items():
-            path = self.run_dir / "figures" / f"{name.split('/')[1]}_epoch{epoch:03d}.png"
-            plots.save_figure(fig, path)
+            kind, _, label = name.split("/", 1)[1].partition("/")
+            suffix = f"_{label}" if label else ""
+            plots.save_figure(
+                fig, self.run_dir / "figures" / f"{kind}_epoch{epoch:03d}{suffix}.png"
+            )
         tracking.log_figures(self.accelerator, figures, step=self.state.global_step)
 
     def _early_stop(self) -> str | None:
@@ -318,7 +356,22 @@ class Trainer:
         return None
 
     def _save_curves(self) -> None:
-        h = self.state.history
-        if self.accelerator.is_main_process and h["train_loss"]:
-            fig = plots.loss_curves_figure({"train": h["train_loss"], "val": h["val_loss"]})
+        """figures/loss_curves.png: noa-plot's figure of the run's records so far."""
+        records = run_status.read_metrics(self.run_dir) if self.accelerator.is_main_process else []
+        if any(row["kind"] == "train" for row in records):
+            fig = plot_run.curves_figure(records, title=self.run_dir.name)
             plots.save_figure(fig, self.run_dir / "figures" / "loss_curves.png")
+
+
+def _rollout_line(r: RolloutResult) -> None:
+    steps = r.steps_to_vrmse_above_1
+    report.log.info(
+        f"  Rollout: {r.trajectories} trajectories x {r.horizon} steps: "
+        f"vrmse@{r.horizon}={_num(r.vrmse_per_step['model'][-1])} "
+        f"(persistence {_num(r.vrmse_per_step['persistence'][-1])}), steps to VRMSE>1 "
+        f"{_num(steps['model'], '.1f')} (persistence {_num(steps['persistence'], '.1f')})"
+    )
+
+
+def _num(value: float | None, spec: str = ".4f") -> str:
+    return "n/a" if value is None else format(value, spec)

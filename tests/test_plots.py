@@ -56,7 +56,7 @@ def test_rollout_figure_has_truth_prediction_error_rows_at_requested_steps():
     fig = plots.rollout_figure(truth_TCHW, pred_TCHW, channel=1, title="demo")
     panels = _images(fig)
     assert len(panels) == 3 * 4  # rows truth / prediction / error, columns 1, 3, 6, 12
-    assert len(fig.axes) == 3 * 4 + 3  # one colorbar per row
+    assert len(fig.axes) == 3 * 4 + 2  # one colorbar for truth/prediction, one for the error
     assert [ax.get_ylabel() for ax in panels[::4]] == [
         "truth",
         "prediction",
@@ -97,23 +97,67 @@ def test_rollout_figure_rejects_mismatched_shapes_and_bad_steps():
         plots.rollout_figure(truth_TCHW, pred_TCHW, channel=5)
 
 
-def test_loss_curves_use_given_steps_and_log_scale():
-    history = {"train/loss": [1.0, 0.5, 0.25, 0.125], "val/loss": [0.6, 0.2]}
-    fig = plots.loss_curves_figure(
-        history, steps={"train/loss": [0, 10, 20, 30], "val/loss": [15, 30]}
-    )
+def test_rollout_figure_with_input_adds_the_input_state_and_persistence_error_row():
+    truth_TCHW, pred_TCHW = _rollout(T=8, C=2, H=4, W=4)
+    input_CHW = truth_TCHW[0] - 0.3
+    fig = plots.rollout_figure(truth_TCHW, pred_TCHW, (2, 8), channel=1, input_CHW=input_CHW)
+    panels = _images(fig)
+    assert len(panels) == 1 + 4 * 2  # the input, then 4 rows of 2 steps
+    assert panels[0].get_title() == "input (step 0)"
+    assert np.array_equal(panels[0].images[0].get_array(), input_CHW[1].numpy())
+    persistence = panels[-2:]
+    assert persistence[0].get_ylabel().startswith("persistence error")
+    expected = metrics.vrmse(input_CHW[1].expand(8, 4, 4), truth_TCHW[:, 1])
+    assert [ax.get_title() for ax in persistence] == [
+        f"step {s}  VRMSE {float(expected[s - 1]):.3f}" for s in (2, 8)
+    ]
+    shown = persistence[1].images[0].get_array()
+    assert np.allclose(shown, (input_CHW[1] - truth_TCHW[7, 1]).numpy())
+    model_err, persist_err = panels[5].images[0].get_clim(), persistence[0].images[0].get_clim()
+    assert model_err == persist_err  # one error scale: the two errors compare by colour
+
+
+def test_vrmse_figure_has_log_y_whole_step_ticks_and_every_method():
+    curves = {
+        "model": [0.1, 0.2, 0.4, 0.7, 0.9],
+        "persistence": [0.3, 0.6, 0.9, 1.1, 1.2],
+        "linear_extrapolation": [None, 0.5, 1.0, 2.0, 3.0],
+        "spatial_mean": [1.0] * 5,
+    }
+    fig = plots.vrmse_steps_figure(curves, title="epoch 3 · step 30 · valid")
     ax = fig.axes[0]
     assert ax.get_yscale() == "log"
+    assert ax.get_xlabel() == "rollout step" and ax.get_title() == "epoch 3 · step 30 · valid"
     lines = {line.get_label(): line for line in ax.get_lines()}
-    assert list(lines["val/loss"].get_xdata()) == [15, 30]
-    assert list(lines["train/loss"].get_xdata()) == [0, 10, 20, 30]
+    assert {"model", "persistence", "linear extrapolation", "spatial mean"} <= set(lines)
+    assert list(lines["model"].get_xdata()) == [1, 2, 3, 4, 5]
+    assert np.isnan(lines["linear extrapolation"].get_ydata()[0])
+    ticks = [t for t in ax.get_xticks() if 1 <= t <= 5]
+    assert ticks and all(float(t).is_integer() for t in ticks)
+    old_style = plots.vrmse_figure(torch.tensor([0.1, 0.2, 0.4]), [0.3, 0.6, 0.9])
+    assert [ln.get_label() for ln in old_style.axes[0].get_lines()][:2] == ["model", "persistence"]
 
 
-def test_vrmse_figure_plots_model_persistence_and_mean_reference():
-    fig = plots.vrmse_figure(torch.tensor([0.1, 0.2, 0.4]), [0.3, 0.6, 0.9])
-    labels = [line.get_label() for line in fig.axes[0].get_lines()]
-    assert labels == ["model", "persistence", "spatial mean (1.0)"]
-    assert list(fig.axes[0].get_lines()[0].get_xdata()) == [1, 2, 3]
+def test_spectra_figure_draws_metrics_radial_spectrum_of_truth_and_prediction():
+    truth_TCHW, pred_TCHW = _rollout(T=6, C=1, H=16, W=16)
+    fig = plots.spectra_figure([("family · trajectory 3", truth_TCHW, pred_TCHW)], steps=(1, 6))
+    ax = fig.axes[0]
+    assert ax.get_xscale() == ax.get_yscale() == "log" and ax.get_title().startswith("family")
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert set(lines) == {"truth step 1", "pred step 1", "truth step 6", "pred step 6"}
+    expected = metrics.radial_energy_spectrum(pred_TCHW[5, 0])[1:9].numpy()  # k = 1..Nyquist
+    assert list(lines["pred step 6"].get_xdata()) == list(range(1, 9))
+    assert np.allclose(lines["pred step 6"].get_ydata(), expected)
+
+
+def test_radial_spectrum_adds_up_to_the_mean_square_and_finds_a_sine_wavenumber():
+    x = torch.randn(3, 16, 20, generator=torch.Generator().manual_seed(1))
+    energy = metrics.radial_energy_spectrum(x)
+    assert torch.allclose(energy.sum(-1), x.double().pow(2).mean(dim=(-2, -1)))
+    grid = torch.arange(32, dtype=torch.float64)
+    sine = torch.sin(2 * torch.pi * 5 * grid / 32).expand(32, 32)
+    energy = metrics.radial_energy_spectrum(sine)
+    assert int(energy.argmax()) == 5 and float(energy[5]) == pytest.approx(0.5)
 
 
 def test_save_figure_writes_a_png_atomically_and_replaces_old_file(tmp_path):

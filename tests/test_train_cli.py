@@ -61,8 +61,15 @@ def test_training_command_logs_a_readable_offline_wandb_run_with_decreasing_loss
         f"loss did not decrease: first 8 steps {first:.4f}, last 8 {last:.4f}"
     )
     assert read_run(segments[0]).config["optim"]["lr"] == 3e-3
-    for name in ("loss_curves.png", "rollout_epoch003.png", "vrmse_per_step_epoch003.png"):
-        assert (run_dir / "figures" / name).stat().st_size > 1000
+    figures = run_dir / "figures"
+    for name in ("loss_curves.png", "vrmse_per_step_epoch003.png", "spectra_epoch003.png"):
+        assert (figures / name).stat().st_size > 1000
+    rollouts = sorted(p.name for p in figures.glob("rollout_epoch003_*.png"))
+    assert rollouts == [  # one per family of the long rollout's trajectories (--frames)
+        "rollout_epoch003_advection_diffusion_0000.png",
+        "rollout_epoch003_allen_cahn_0001.png",
+        "rollout_epoch003_navier_stokes_0002.png",
+    ]
     exported = torch.load(run_dir / "best_model.pt", weights_only=True)
     assert "delta_scale" in exported["model"]
 

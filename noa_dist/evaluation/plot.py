@@ -14,15 +14,9 @@ from matplotlib.figure import Figure
 
 from noa_dist.evaluation.measure import Frames
 from noa_dist.evaluation.render import checkpoint_label
-from noa_dist.plots import default_steps, rollout_figure, save_figure
+from noa_dist.plots import default_steps, draw_vrmse_per_step, rollout_figure, save_figure
 
 MAX_FRAME_CHANNELS = 4  # frame figures per trajectory, for datasets with many fields
-STYLES = {
-    "model": {"marker": "o", "linewidth": 2.0},
-    "persistence": {"marker": "s", "linestyle": "--"},
-    "linear_extrapolation": {"marker": "^", "linestyle": "-."},
-    "spatial_mean": {"marker": "x", "linestyle": ":"},
-}
 
 
 def vrmse_figure(report: dict) -> Figure:
@@ -31,17 +25,10 @@ def vrmse_figure(report: dict) -> Figure:
     fig = Figure(figsize=(4.2 * len(groups) + 0.6, 4.0), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(groups), sharey=True, squeeze=False)[0])
     for ax, (name, group) in zip(axes, groups.items(), strict=True):
-        for method in report["methods"]:
-            y = np.array([np.nan if v is None else v for v in
-                          group["per_step"][method]["vrmse"]["mean"]], dtype=float)  # fmt: skip
-            y[~(y > 0)] = np.nan  # a log axis cannot show 0 (an exact forecast)
-            x = np.arange(1, y.size + 1)
-            ax.plot(x, y, label=method.replace("_", " "), markersize=3, **STYLES[method])
-        ax.axhline(1.0, color="grey", linewidth=0.8)
-        ax.set_yscale("log")
-        ax.set_xlabel("rollout step")
+        draw_vrmse_per_step(
+            ax, {m: group["per_step"][m]["vrmse"]["mean"] for m in report["methods"]}
+        )
         ax.set_title(f"{name} ({group['trajectories']} trajectories)")
-        ax.grid(True, which="both", alpha=0.3)
     axes[0].set_ylabel("VRMSE (mean over fields)")
     axes[0].legend(fontsize="small")
     d = report["dataset"]

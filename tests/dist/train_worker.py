@@ -8,6 +8,9 @@ Test-only variables (the trainer knows nothing of them):
   NOA_TEST_SKIP_STEPS=2,5  the reference run for "skipped as if it never happened": those
                            optimizer steps consume their batches but run no forward, no
                            backward and no optimizer or scheduler step.
+  NOA_TEST_STOP_IN_VALIDATION=R:V / NOA_TEST_STOP_IN_ROLLOUT=R:V  a SIGUSR1 stop request
+                           pending on rank R from the start of validation V's windows / of
+                           its long rollout.
   NOA_TEST_COUNT=1         count, per optimizer step, the Python-level collectives, the host
                            reads of device tensors and DDP's gradient all-reduces (a comm hook).
 """
@@ -136,6 +139,11 @@ def main() -> None:
     if stop_in_validation := os.environ.get("NOA_TEST_STOP_IN_VALIDATION"):  # RANK:VALIDATION
         rank, validation = map(int, stop_in_validation.split(":"))
         trainer_module.evaluate = stop_signal_in_validation(trainer_module.evaluate, rank, validation)
+    if stop_in_rollout := os.environ.get("NOA_TEST_STOP_IN_ROLLOUT"):  # RANK:VALIDATION
+        rank, validation = map(int, stop_in_rollout.split(":"))
+        trainer_module.validate_rollout = stop_signal_in_validation(
+            trainer_module.validate_rollout, rank, validation
+        )
     trainer = train.prepare(load_config(sys.argv[1:]))
     if counter and isinstance(trainer.model, torch.nn.parallel.DistributedDataParallel):
         trainer.model.register_comm_hook(None, counter.comm_hook)
