@@ -70,17 +70,9 @@ def build(cfg: Config, accelerator: Accelerator, root: Path) -> Built:
     total_steps = total_optimizer_steps(cfg, data.steps_per_epoch)
     tokenizer = alignment.load_frozen_tokenizer(cfg, data.layout_source)
     latent_dim = tokenizer.latent_dim if cfg.align.enable_latent_loss else None
-    model = _bare_model(cfg, data.layout_source, root, latent_dim)
+    model = bare_model(cfg, data.layout_source, root, latent_dim)
     n_params = sum(p.numel() for p in model.parameters())
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay
-    )
-    scheduler = build_scheduler(
-        optimizer,
-        warmup_steps=cfg.optim.warmup_steps,
-        total_steps=total_steps,
-        schedule=cfg.optim.lr_schedule,
-    )
+    optimizer, scheduler = build_optimizer(cfg, model, total_steps)
     distributed.configure_deepspeed(
         accelerator, micro_batch_size=cfg.data.batch_size, gradient_clipping=cfg.optim.max_grad_norm
     )
@@ -95,12 +87,7 @@ def build(cfg: Config, accelerator: Accelerator, root: Path) -> Built:
     if cfg.debug.debug_inject_nan:
         injections = faults.parse_nan_injections(cfg.debug.debug_inject_nan)
         loss_fn = faults.with_nan_injection(loss_fn, injections, accelerator.process_index)
-    settings = StepSettings(
-        bptt_window=cfg.train.bptt_window,
-        tbptt_mode=cfg.train.tbptt_mode,
-        max_grad_norm=cfg.optim.max_grad_norm,
-        loss_weights=weights,
-    )
+    settings = step_settings(cfg, weights)
     return Built(
         data,
         model,
@@ -115,6 +102,15 @@ def build(cfg: Config, accelerator: Accelerator, root: Path) -> Built:
     )
 
 
+def step_settings(cfg: Config, loss_weights: dict[str, float]) -> StepSettings:
+    return StepSettings(
+        bptt_window=cfg.train.bptt_window,
+        tbptt_mode=cfg.train.tbptt_mode,
+        max_grad_norm=cfg.optim.max_grad_norm,
+        loss_weights=loss_weights,
+    )
+
+
 def total_optimizer_steps(cfg: Config, steps_per_epoch: int) -> int:
     """The schedule's length: epochs x steps per epoch, capped by --max-steps."""
     steps = cfg.train.epochs * steps_per_epoch
@@ -124,7 +120,23 @@ def total_optimizer_steps(cfg: Config, steps_per_epoch: int) -> int:
 # ---------------------------------------------------------------- model
 
 
-def _bare_model(
+def build_optimizer(
+    cfg: Config, model: torch.nn.Module, total_steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """AdamW and its warm-up + decay schedule over `total_steps` optimizer steps."""
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay
+    )
+    scheduler = build_scheduler(
+        optimizer,
+        warmup_steps=cfg.optim.warmup_steps,
+        total_steps=total_steps,
+        schedule=cfg.optim.lr_schedule,
+    )
+    return optimizer, scheduler
+
+
+def bare_model(
     cfg: Config, train_set: WellWindowDataset, root: Path, latent_dim: int | None
 ) -> torch.nn.Module:
     """The U-AFNO (+ L_latent projector), identical on every rank; --init-from weights if given."""

@@ -206,14 +206,14 @@ def test_last_mode_warns_that_early_steps_are_unsupervised():
 
 
 def test_benchmark_memory_is_flat_in_rollout_length_under_tbptt_and_linear_without():
-    from noa_dist.bench.bptt_memory import measure_step
+    from noa_dist.bench.memory import activation_peak
 
     model = Stepper()
     saved = {}
     for mode, window in (("last", 4), ("all-windows", 4), ("full", None)):
         for n_steps in (8, 16):
             target_BTCHW = torch.zeros(2, n_steps, 2, 8, 8)
-            row = measure_step(model, _u0(), target_BTCHW, window, mode)
-            saved[mode, n_steps] = row.saved_bytes
+            row = activation_peak(model, {"u0": _u0(), "target": target_BTCHW}, window, mode)
+            saved[mode, n_steps] = row["saved_bytes"]
     assert saved["last", 8] == saved["last", 16] == saved["all-windows", 16] > 0
     assert saved["full", 16] == 2 * saved["full", 8] == 4 * saved["last", 8]
