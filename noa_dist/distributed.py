@@ -46,6 +46,26 @@ def launched_distributed() -> bool:
     return "WORLD_SIZE" in os.environ or deepspeed_requested()
 
 
+def set_threads(requested: int | None) -> str:
+    """Give each process its share of the node's cores and say why (for the start banner).
+
+    `accelerate launch` exports OMP_NUM_THREADS=1 unless told otherwise, which leaves all but
+    one core idle on a CPU run; a larger OMP_NUM_THREADS (the user's or the sbatch script's)
+    is kept."""
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if requested is not None:
+        threads, why = requested, "--threads-per-process"
+    elif env.isdigit() and int(env) > 1:
+        threads, why = int(env), "OMP_NUM_THREADS"
+    else:
+        threads = max(1, (cores or 1) // local_processes)
+        why = f"{cores} core(s) / {local_processes} process(es) on this node"
+    torch.set_num_threads(threads)
+    return f"{threads} thread(s) per process ({why})"
+
+
 def build_accelerator(
     *,
     gradient_accumulation_steps: int,
@@ -333,6 +353,7 @@ def run_tool(load: Callable[[], T], work: Callable[[Accelerator, T], None]) -> i
     all of them with the same error), `work(accelerator, loaded)`, one `error:` line from the
     main process for bad input (exit code 2), and the ranks leave together."""
     accelerator = None
+    set_threads(None)
     try:
         accelerator = build_accelerator(
             gradient_accumulation_steps=1, mixed_precision="no", log_with=None

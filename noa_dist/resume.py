@@ -41,6 +41,7 @@ IGNORED = (
     "output_dir",
     "checkpoint_dir",
     "run_lock_wait",
+    "threads_per_process",
 )
 
 

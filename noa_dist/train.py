@@ -20,8 +20,6 @@ if __name__ == "__main__":
 import os
 import time
 
-import torch
-
 from noa_dist import checkpoint, distributed, preflight, report, run_status, tracking
 from noa_dist.build import build
 from noa_dist.config import Config, load_config
@@ -133,6 +131,7 @@ def prepare(cfg: Config) -> Trainer:
     _check_flags(cfg)
     root = preflight.check_data(cfg)
     mode = tracking.wandb_mode(cfg.tracking.wandb_mode)
+    threads = distributed.set_threads(cfg.train.threads_per_process)
     accelerator = distributed.build_accelerator(
         gradient_accumulation_steps=cfg.optim.gradient_accumulation_steps,
         mixed_precision=cfg.train.mixed_precision,
@@ -144,7 +143,7 @@ def prepare(cfg: Config) -> Trainer:
     checkpoint_dir = Path(cfg.checkpoint.checkpoint_dir or run_dir / "checkpoints")
     log.info(
         f"noa-dist: {accelerator.num_processes} process(es), {accelerator.distributed_type.name}, "
-        f"device {accelerator.device}, {torch.get_num_threads()} thread(s) per process\n"
+        f"device {accelerator.device}, {threads}\n"
         f"Resolved configuration:\n{cfg.to_yaml()}"
     )
     if warning := bptt_warning(cfg.data.timesteps, cfg.train.bptt_window, cfg.train.tbptt_mode):

@@ -150,6 +150,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> None:
     rank, world = launch_rank()
     train, valid = _open_splits(args, rank, world)
     batches_per_epoch(len(train.indices), args.batch_size)
+    distributed.set_threads(None)
     accelerator = distributed.build_accelerator(
         gradient_accumulation_steps=1, mixed_precision="no", log_with=tracking.log_with(mode)
     )
