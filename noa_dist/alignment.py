@@ -22,7 +22,13 @@ from torch import Tensor
 
 from noa_dist.config import Config
 from noa_dist.errors import ConfigError
-from noa_dist.losses import commitment_loss, latent_alignment_loss, sampled_steps, trajectory_mse
+from noa_dist.losses import (
+    commitment_loss,
+    latent_alignment_loss,
+    sampled_steps,
+    trajectory_mse,
+    variance_normalized_mse,
+)
 from noa_dist.rollout import Window
 
 Batch = dict[str, Tensor]
@@ -81,10 +87,12 @@ def build_loss_fn(cfg: Config, tokenizer, projector: torch.nn.Module | None) -> 
     """(window, batch) -> the unweighted terms `loss_weights(cfg)` names."""
     latent = cfg.align.enable_latent_loss
     commit_dims = tokenizer.commit_mask if tokenizer is not None else None
+    normalized = cfg.train.traj_loss == "vrmse"
 
     def loss_fn(window: Window, batch: Batch) -> dict[str, Tensor]:
         target_BTCHW = batch["target"][:, window.start : window.stop]
-        terms = {"traj": trajectory_mse(window.pred_BTCHW, target_BTCHW)}
+        traj = variance_normalized_mse if normalized else trajectory_mse
+        terms = {"traj": traj(window.pred_BTCHW, target_BTCHW)}
         if tokenizer is None:
             return terms
         z_e = tokenizer.encode_window(window.pred_BTCHW, window.input_BCHW)

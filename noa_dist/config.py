@@ -98,9 +98,19 @@ class TrainConfig:
         "last: warm up T-W steps without grad, train the last W; all-windows: every window, detached between",
         default="last",
     )
+    traj_loss: str = _doc(
+        "L_traj: mse (mean squared error), or vrmse (squared error over the target's variance "
+        "per sample, step and field: The Well's VRMSE squared; small-amplitude samples count)",
+        default="mse",
+    )
     seed: int = _doc("seed for weights, data order and dropout", default=0)
     mixed_precision: str | None = _doc(
         "no | bf16 | fp16 (the FFT stays fp32); unset: what `accelerate launch` says", default=None
+    )
+    threads_per_process: int | None = _doc(
+        "CPU threads per process (torch.set_num_threads); unset: the cores this process may use "
+        "/ processes on the node, unless OMP_NUM_THREADS asks for more than accelerate's 1",
+        default=None,
     )
     log_every: int = _doc("print and log every N optimizer steps", default=10)
     max_consecutive_skips: int = _doc(
@@ -212,6 +222,7 @@ SECTIONS: dict[str, type] = {f.name: type(getattr(Config(), f.name)) for f in fi
 CHOICES = {
     "lr_schedule": ("cosine", "constant"),
     "tbptt_mode": ("last", "all-windows"),
+    "traj_loss": ("mse", "vrmse"),
     "mixed_precision": ("no", "bf16", "fp16"),
     "wandb_mode": ("auto", "online", "offline", "disabled"),
     "vqvae_feature_policy": ("strict", "pad"),
@@ -409,6 +420,7 @@ def config_problems(cfg: Config) -> list[str]:
         "max_steps",
         "stop_at_step",
         "early_stop_patience",
+        "threads_per_process",
     ):
         if flat[name] is not None and flat[name] < 1:
             problems.append(f"--{name.replace('_', '-')}: must be >= 1 or unset, got {flat[name]}")

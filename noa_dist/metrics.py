@@ -22,12 +22,17 @@ SPATIAL_DIMS = (-2, -1)  # our layout is [..., C, H, W]; The Well's is [..., H, 
 
 def vrmse(pred: Tensor, target: Tensor, eps: float = 1e-7) -> Tensor:
     """Variance-scaled RMSE over space, [..., C, H, W] -> [..., C] (e.g. [B, T, C]), in fp32."""
+    return torch.sqrt(vrmse_squared(pred, target, eps))
+
+
+def vrmse_squared(pred: Tensor, target: Tensor, eps: float = 1e-7) -> Tensor:
+    """MSE over space / (the target's variance + eps), [..., C, H, W] -> [..., C], fp32: VRMSE
+    without the square root (a loss: finite gradient where pred == target)."""
     if pred.shape != target.shape:
         raise ValueError(f"vrmse: pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
     pred, target = pred.float(), target.float()
     mse = (pred - target).pow(2).mean(dim=SPATIAL_DIMS)
-    variance = target.var(dim=SPATIAL_DIMS, correction=1)
-    return torch.sqrt(mse / (variance + eps))
+    return mse / (target.var(dim=SPATIAL_DIMS, correction=1) + eps)
 
 
 def relative_l2(pred: Tensor, target: Tensor, eps: float = 1e-7) -> Tensor:

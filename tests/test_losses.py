@@ -11,6 +11,7 @@ from noa_dist.losses import (
     latent_alignment_loss,
     sampled_steps,
     trajectory_mse,
+    variance_normalized_mse,
 )
 
 
@@ -23,6 +24,26 @@ def test_trajectory_mse_is_the_mean_over_every_element():
 def test_trajectory_mse_of_bf16_inputs_is_fp32():
     pred = torch.randn(1, 2, 1, 4, 4).bfloat16()
     assert trajectory_mse(pred, torch.zeros_like(pred)).dtype == torch.float32
+
+
+def test_vrmse_loss_weighs_a_small_amplitude_sample_like_a_large_one():
+    """Per sample/step/field error over the target's variance: scaling one sample's field by
+    1/10 (Allen-Cahn's early amplitude in the demo) leaves its share of the loss unchanged,
+    where plain MSE would shrink it 100x."""
+    torch.manual_seed(0)
+    target = torch.randn(2, 3, 2, 8, 8)
+    pred = target + 0.3 * torch.randn_like(target)
+    loss = variance_normalized_mse(pred, target)
+    by_hand = ((pred - target) ** 2).mean((-2, -1)) / (target.var((-2, -1)) + 1e-4)
+    torch.testing.assert_close(loss, by_hand.mean())
+    shrink = torch.tensor([1.0, 0.1])[:, None, None, None, None]  # (the 1e-4 floor: ~0.4%)
+    torch.testing.assert_close(
+        variance_normalized_mse(pred * shrink, target * shrink), loss, rtol=1e-2, atol=0
+    )
+    constant = torch.zeros(1, 1, 1, 8, 8)  # a constant field: finite loss and gradient
+    pred0 = constant.clone().requires_grad_()
+    variance_normalized_mse(pred0 + 1e-3, constant).backward()
+    assert torch.isfinite(pred0.grad).all()
 
 
 def test_trajectory_mse_rejects_mismatched_shapes():
