@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from noa_dist.models.uafno import UAFNO, level_widths, periodic_upsample2x
+from noa_dist.models.uafno import UAFNO, ConvNormAct, level_widths, periodic_upsample2x
 
 
 def _step(model: UAFNO, u_BCHW, cond_BCHW=None) -> torch.Tensor:
@@ -151,3 +151,21 @@ def test_predict_delta_needs_matching_output_channels():
     with pytest.raises(ValueError, match="out_channels == in_channels"):
         UAFNO(in_channels=2, out_channels=1)
     assert UAFNO(in_channels=2, out_channels=1, predict_delta=False, base_channels=8).param_count()
+
+
+def test_uniform_conditioning_reaches_the_normalised_branches():
+    """A spatially uniform conditioning field (a velocity, a diffusivity) mixed in before an
+    InstanceNorm is erased by it; it re-enters after the norm (scale and shift), so the
+    branch's activations depend on it. Zero-initialised: at start it has no effect."""
+    torch.manual_seed(0)
+    layer = ConvNormAct(3, 4, cond_channels=2)
+    x_BCHW = torch.randn(1, 3, 8, 8)
+    slow, fast = torch.full((1, 2, 8, 8), 0.1), torch.full((1, 2, 8, 8), 2.0)
+    torch.testing.assert_close(layer(x_BCHW, slow), layer(x_BCHW, fast))  # zero-init
+    with torch.no_grad():
+        layer.film.weight.normal_(0.0, 0.5)
+    gap = (layer(x_BCHW, slow) - layer(x_BCHW, fast)).abs().max()
+    assert gap > 0.1
+    # the scale term multiplies the state's features: the effect depends on x, not a constant
+    delta = layer(x_BCHW, slow) - layer(x_BCHW, fast)
+    assert delta.std() > 0.01

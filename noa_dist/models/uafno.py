@@ -49,24 +49,45 @@ def circular_conv3x3(
     )
 
 
-class ConvNormAct(nn.Sequential):
-    """Circular 3x3 conv (no bias: the norm removes it) -> InstanceNorm(affine) -> GELU."""
+class ConvNormAct(nn.Module):
+    """Circular 3x3 conv (no bias: the norm removes it) -> InstanceNorm(affine) -> scale and
+    shift by the conditioning fields -> GELU.
 
-    def __init__(self, in_channels: int, out_channels: int) -> None:
-        super().__init__(
-            circular_conv3x3(in_channels, out_channels, bias=False),
-            nn.InstanceNorm2d(out_channels, affine=True),
-            nn.GELU(),
-        )
+    InstanceNorm removes each channel's spatial mean, so a spatially uniform conditioning field
+    (a velocity, a diffusivity) mixed in before it never reaches the activations: the branch
+    could not make the increment depend on it (advection needs velocity x gradient). The fields
+    re-enter after the norm as a per-location scale and shift (FiLM, PDEArena's scale-shift
+    norm), zero-initialised: at start the layer is a plain conv-norm-act.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, cond_channels: int = 0) -> None:
+        super().__init__()
+        self.conv = circular_conv3x3(in_channels, out_channels, bias=False)
+        self.norm = nn.InstanceNorm2d(out_channels, affine=True)
+        self.act = nn.GELU()
+        self.film = nn.Conv2d(cond_channels, 2 * out_channels, 1) if cond_channels else None
+        if self.film is not None:
+            nn.init.zeros_(self.film.weight)
+            nn.init.zeros_(self.film.bias)
+
+    def forward(self, x_BCHW: Tensor, cond_BCHW: Tensor | None = None) -> Tensor:
+        h_BCHW = self.norm(self.conv(x_BCHW))
+        if self.film is not None:
+            scale_BCHW, shift_BCHW = self.film(cond_BCHW).chunk(2, dim=1)
+            h_BCHW = h_BCHW * (1 + scale_BCHW) + shift_BCHW
+        return self.act(h_BCHW)
 
 
 class ResidualBlock(nn.Module):
     """Two ConvNormAct layers plus a skip (1x1 projection when the channel count changes)."""
 
-    def __init__(self, in_channels: int, out_channels: int) -> None:
+    def __init__(self, in_channels: int, out_channels: int, cond_channels: int = 0) -> None:
         super().__init__()
-        self.body = nn.Sequential(
-            ConvNormAct(in_channels, out_channels), ConvNormAct(out_channels, out_channels)
+        self.body = nn.ModuleList(
+            [
+                ConvNormAct(in_channels, out_channels, cond_channels),
+                ConvNormAct(out_channels, out_channels, cond_channels),
+            ]
         )
         self.skip = (
             nn.Identity()
@@ -74,8 +95,11 @@ class ResidualBlock(nn.Module):
             else nn.Conv2d(in_channels, out_channels, 1, bias=False)
         )
 
-    def forward(self, x_BCHW: Tensor) -> Tensor:
-        return self.skip(x_BCHW) + self.body(x_BCHW)
+    def forward(self, x_BCHW: Tensor, cond_BCHW: Tensor | None = None) -> Tensor:
+        h_BCHW = x_BCHW
+        for layer in self.body:
+            h_BCHW = layer(h_BCHW, cond_BCHW)
+        return self.skip(x_BCHW) + h_BCHW
 
 
 class LatentProjector(nn.Module):
@@ -114,17 +138,29 @@ def level_widths(base_channels: int, levels: int, cap_factor: int) -> list[int]:
     return widths
 
 
-def _two_residual_blocks(in_channels: int, out_channels: int) -> nn.Sequential:
-    return nn.Sequential(
-        ResidualBlock(in_channels, out_channels), ResidualBlock(out_channels, out_channels)
-    )
+class ResidualStage(nn.Module):
+    """Two residual blocks at one resolution, both seeing the conditioning fields."""
+
+    def __init__(self, in_channels: int, out_channels: int, cond_channels: int) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            [
+                ResidualBlock(in_channels, out_channels, cond_channels),
+                ResidualBlock(out_channels, out_channels, cond_channels),
+            ]
+        )
+
+    def forward(self, x_BCHW: Tensor, cond_BCHW: Tensor | None) -> Tensor:
+        for block in self.blocks:
+            x_BCHW = block(x_BCHW, cond_BCHW)
+        return x_BCHW
 
 
 class UAFNO(nn.Module):
     """Autoregressive U-AFNO operator on [B, C, H, W] fields.
 
     `cond_channels` constant fields (e.g. parameters broadcast in space) are concatenated to
-    the state at every step. With `predict_delta` the network predicts an increment,
+    the state at every step and scale and shift every normalised layer (see ConvNormAct). With `predict_delta` the network predicts an increment,
     u_next = u + net(u), and its head is zero-initialised, so the untrained model is exactly
     persistence (u_next == u) and training starts from the strongest trivial baseline.
     H and W must be divisible by 2**encoder_levels.
@@ -159,7 +195,7 @@ class UAFNO(nn.Module):
         self.stem = circular_conv3x3(in_channels + cond_channels, base_channels)
         widths = level_widths(base_channels, encoder_levels, channel_cap_factor)
         self.encoder_stages = nn.ModuleList(
-            _two_residual_blocks(c_in, c_out)
+            ResidualStage(c_in, c_out, cond_channels)
             for c_in, c_out in zip([base_channels, *widths[:-1]], widths, strict=True)
         )
         self.downsamples = nn.ModuleList(circular_conv3x3(c, c, stride=2) for c in widths)
@@ -171,7 +207,7 @@ class UAFNO(nn.Module):
         skip_widths = widths[::-1]
         below_widths = [widths[-1], *skip_widths[:-1]]
         self.decoder_stages = nn.ModuleList(
-            _two_residual_blocks(c_below + c_skip, c_skip)
+            ResidualStage(c_below + c_skip, c_skip, cond_channels)
             for c_below, c_skip in zip(below_widths, skip_widths, strict=True)
         )
         self.head = nn.Conv2d(widths[0], out_channels, 1)
@@ -192,8 +228,8 @@ class UAFNO(nn.Module):
         nothing autocasts); the increment is added to the state in fp32.
         """
         compute_dtype = self.stem.weight.dtype
-        bottleneck_BCHW, skips = self._encode(u_BCHW.to(compute_dtype), cond_BCHW)
-        out_BCHW = self.head(self._decode(bottleneck_BCHW, skips)).float()
+        bottleneck_BCHW, skips, cond_levels = self._encode(u_BCHW.to(compute_dtype), cond_BCHW)
+        out_BCHW = self.head(self._decode(bottleneck_BCHW, skips, cond_levels)).float()
         if not self.predict_delta:
             return StepOutput(out_BCHW, bottleneck_BCHW)
         scale_C11 = self.delta_scale.float()[:, None, None]
@@ -203,20 +239,37 @@ class UAFNO(nn.Module):
         """Number of trainable parameters."""
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
-    def _encode(self, u_BCHW: Tensor, cond_BCHW: Tensor | None) -> tuple[Tensor, list[Tensor]]:
+    def _encode(self, u_BCHW: Tensor, cond_BCHW: Tensor | None):
+        """(bottleneck, skips, the conditioning at each level) of one forward."""
         x_BCHW = self._with_conditioning(u_BCHW, cond_BCHW)
+        cond_levels = self._conditioning_pyramid(cond_BCHW, u_BCHW.dtype)
         x_BCHW, skips = self.stem(x_BCHW), []
-        for stage, downsample in zip(self.encoder_stages, self.downsamples, strict=True):
-            x_BCHW = stage(x_BCHW)
+        for stage, downsample, cond_level in zip(
+            self.encoder_stages, self.downsamples, cond_levels, strict=True
+        ):
+            x_BCHW = stage(x_BCHW, cond_level)
             skips.append(x_BCHW)
             x_BCHW = downsample(x_BCHW)
         x_BHWC = self.afno(x_BCHW.permute(0, 2, 3, 1))
-        return x_BHWC.permute(0, 3, 1, 2), skips
+        return x_BHWC.permute(0, 3, 1, 2), skips, cond_levels
 
-    def _decode(self, x_BCHW: Tensor, skips: list[Tensor]) -> Tensor:
-        for stage, skip_BCHW in zip(self.decoder_stages, reversed(skips), strict=True):
-            x_BCHW = stage(torch.cat([periodic_upsample2x(x_BCHW), skip_BCHW], dim=1))
+    def _decode(
+        self, x_BCHW: Tensor, skips: list[Tensor], cond_levels: list[Tensor | None]
+    ) -> Tensor:
+        levels = zip(self.decoder_stages, reversed(skips), reversed(cond_levels), strict=True)
+        for stage, skip_BCHW, cond_level in levels:
+            x_BCHW = stage(torch.cat([periodic_upsample2x(x_BCHW), skip_BCHW], dim=1), cond_level)
         return x_BCHW
+
+    def _conditioning_pyramid(self, cond_BCHW: Tensor | None, dtype) -> list[Tensor | None]:
+        """The conditioning fields at each level's resolution (full, 1/2, 1/4, ...)."""
+        if cond_BCHW is None:
+            return [None] * self.encoder_levels
+        cond_BCHW = cond_BCHW.to(dtype)
+        return [
+            cond_BCHW if level == 0 else F.avg_pool2d(cond_BCHW, 2**level)
+            for level in range(self.encoder_levels)
+        ]
 
     def _with_conditioning(self, u_BCHW: Tensor, cond_BCHW: Tensor | None) -> Tensor:
         """Check shapes and concatenate the constant fields to the state."""
