@@ -101,7 +101,7 @@ def activation_rows(args, flags: list[str]) -> list[dict]:
     rows: list[dict] = []
     for mode in ("last", "all-windows", "full"):
         for t in sorted(int(x) for x in args.rollouts.split(",")):
-            full = [r for r in rows if r["mode"] == "full"]
+            full = [r for r in rows if r["mode"] == "full" and "saved_bytes" in r]
             if (
                 mode == "full"
                 and full

@@ -73,7 +73,7 @@ def _processes(args) -> list[int]:
 
 
 def run_step(args: argparse.Namespace, flags: list[str]) -> tuple[dict, str]:
-    rows, table_rows = [], []
+    config, rows, table_rows = _describe(flags), [], []
     for processes in _processes(args):
         r = _launch(args, flags, processes, "trainer,bare")
         rate = {k: [r["samples_per_step"] / s for s in v] for k, v in r["seconds_per_step"].items()}
@@ -96,12 +96,12 @@ def run_step(args: argparse.Namespace, flags: list[str]) -> tuple[dict, str]:
             ]
         )
     headers = ["processes", "threads each", "trainer samples/s", "bare loop samples/s", "ratio"]
-    payload = {"config": _describe(flags), "rows": rows}
+    payload = {"config": config, "rows": rows}
     return payload, _title(args) + common.markdown_table(headers, table_rows)
 
 
 def run_sync(args: argparse.Namespace, flags: list[str]) -> tuple[dict, str]:
-    rows, table_rows = [], []
+    config, rows, table_rows = _describe(flags), [], []
     for processes in _processes(args):
         r = _launch(args, flags, processes, "trainer,agreement")
         step_s, agree_s = r["seconds_per_step"]["trainer"], r["seconds_per_step"]["agreement"]
@@ -122,12 +122,13 @@ def run_sync(args: argparse.Namespace, flags: list[str]) -> tuple[dict, str]:
             ]
         )
     headers = ["processes", "trainer step s", "agreement per step", "share of step time"]
-    payload = {"config": _describe(flags), "rows": rows}
+    payload = {"config": config, "rows": rows}
     return payload, _title(args) + common.markdown_table(headers, table_rows)
 
 
 def run_scale(args: argparse.Namespace, flags: list[str]) -> tuple[dict, str]:
     """Weak scaling: the per-process batch fixed, one thread per process, gloo."""
+    config = _describe(flags)
     rates: dict[int, list[float]] = {1: [], 2: []}
     for _ in range(args.launches):
         for processes in (1, 2):
@@ -137,7 +138,7 @@ def run_scale(args: argparse.Namespace, flags: list[str]) -> tuple[dict, str]:
     one, two = common.summary(rates[1]), common.summary(rates[2])
     efficiency = common.summary([b / (2 * a) for a, b in zip(rates[1], rates[2], strict=True)])
     payload = {
-        "config": _describe(flags),
+        "config": config,
         "samples_per_s": {"1": one, "2": two},
         "weak_scaling_efficiency": efficiency,
     }
