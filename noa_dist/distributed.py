@@ -49,15 +49,16 @@ def launched_distributed() -> bool:
 def set_threads(requested: int | None) -> str:
     """Give each process its share of the node's cores and say why (for the start banner).
 
-    `accelerate launch` exports OMP_NUM_THREADS=1 unless told otherwise, which leaves all but
-    one core idle on a CPU run; a larger OMP_NUM_THREADS (the user's or the sbatch script's)
-    is kept."""
+    `accelerate launch` (and torchrun) export OMP_NUM_THREADS=1 unless told otherwise, which
+    leaves all but one core idle on a CPU run: under a launcher only a larger value counts as
+    the user's; without one, any OMP_NUM_THREADS the user set is kept."""
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     env = os.environ.get("OMP_NUM_THREADS", "")
+    launcher = "ACCELERATE_DYNAMO_BACKEND" in os.environ or "TORCHELASTIC_RUN_ID" in os.environ
     if requested is not None:
         threads, why = requested, "--threads-per-process"
-    elif env.isdigit() and int(env) > 1:
+    elif env.isdigit() and int(env) >= (2 if launcher else 1):
         threads, why = int(env), "OMP_NUM_THREADS"
     else:
         threads = max(1, (cores or 1) // local_processes)

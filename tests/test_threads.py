@@ -10,6 +10,8 @@ import torch
 
 from noa_dist.distributed import set_threads
 
+LAUNCHED = {"ACCELERATE_DYNAMO_BACKEND": "NO"}  # what `accelerate launch` exports
+
 
 @pytest.fixture(autouse=True)
 def restore_threads():
@@ -26,8 +28,10 @@ def four_cores(monkeypatch):
 @pytest.mark.parametrize(
     ("env", "requested", "threads", "why"),
     [
-        ({"OMP_NUM_THREADS": "1"}, None, 4, "4 core(s) / 1 process(es) on this node"),
-        ({"OMP_NUM_THREADS": "1", "LOCAL_WORLD_SIZE": "2"}, None, 2, "/ 2 process(es)"),
+        ({"OMP_NUM_THREADS": "1", **LAUNCHED}, None, 4, "4 core(s) / 1 process(es) on this node"),
+        ({"OMP_NUM_THREADS": "1", "LOCAL_WORLD_SIZE": "2", **LAUNCHED}, None, 2, "/ 2 process(es)"),
+        ({"OMP_NUM_THREADS": "1"}, None, 1, "(OMP_NUM_THREADS)"),  # no launcher: the user's
+        ({}, None, 4, "4 core(s) / 1 process(es)"),
         ({"LOCAL_WORLD_SIZE": "8"}, None, 1, "4 core(s) / 8 process(es)"),
         ({"OMP_NUM_THREADS": "3"}, None, 3, "(OMP_NUM_THREADS)"),
         ({"OMP_NUM_THREADS": "3"}, 1, 1, "(--threads-per-process)"),
@@ -35,7 +39,8 @@ def four_cores(monkeypatch):
 )
 def test_threads_per_process(monkeypatch, four_cores, env, requested, threads, why):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    for key in ("LOCAL_WORLD_SIZE", "ACCELERATE_DYNAMO_BACKEND", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(key, raising=False)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     said = set_threads(requested)

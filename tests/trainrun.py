@@ -68,6 +68,8 @@ def train_flags(dataset: Path, out: Path, *extra: str) -> list[str]:
         "run",
         "--wandb-mode",
         "disabled",
+        "--threads-per-process",  # one per process, as the runs compared bitwise across
+        "1",  # launch styles (accelerate launch vs plain python) must use the same count
         *TINY_MODEL,
         *extra,
     ]
