@@ -14,7 +14,6 @@ from the_well.data import WellDataset
 from the_well.data.normalization import ZScoreNormalization
 from torch.utils.data import DataLoader
 
-from noa_dist.bench import read_throughput
 from noa_dist.data.dataset import WellWindowDataset, to_channels_first
 from noa_dist.data.schema import FieldSpec, load_stats
 from noa_dist.errors import ConfigError, DataError
@@ -259,32 +258,6 @@ def test_dataloader_with_two_workers_yields_every_sample_once(tiny_root):
     assert ds._files == {}  # the workers opened the files, not this process
     assert batches[0]["target"].shape == (3, 2, 3, 8, 6)
     torch.testing.assert_close(batches[-1]["u0"][-1], ds[len(ds) - 1]["u0"])
-
-
-def test_read_throughput_benchmark_prints_one_row_per_mode(tiny_root, capsys):
-    read_throughput.main(
-        [
-            str(tiny_root),
-            "--timesteps",
-            "2",
-            "--samples",
-            "12",
-            "--workers",
-            "0,1",
-            "--repeats",
-            "1",
-        ]
-    )
-    lines = capsys.readouterr().out.splitlines()
-    assert "12 windows of T=2" in lines[0]
-    assert lines[1].split() == ["mode", "samples/s", "MiB/s", "vs", "raw", "first", "batch", "s"]
-    assert [line.split()[:2] for line in lines[2:]] == [
-        ["raw", "h5py"],
-        ["dataset[i],", "no"],
-        ["WellWindowDataset", "workers=0"],
-        ["WellWindowDataset", "workers=1"],
-    ]
-    assert float(lines[2].split()[4]) > 0  # samples/s of "raw h5py (open once)"
 
 
 def test_compressed_shard_reads_the_same_values(tiny_root):
