@@ -5,16 +5,17 @@ No timing is asserted: the figures belong to `noa-bench` runs, not to tests."""
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from noa_dist.bench import cli, flops, memory
+from noa_dist.bench import flops, memory
 
 sys.path.insert(0, str(Path(__file__).parent))
-from trainrun import TINY_MODEL, make_tiny_dataset  # noqa: E402
+from trainrun import REPO, TINY_MODEL, make_tiny_dataset  # noqa: E402
 
 QUICK = ["--repeats", "2", "--threads", "1"]
 
@@ -29,8 +30,12 @@ def tiny_flags(tmp_path_factory) -> list[str]:
 
 
 def _bench(name: str, tmp_path: Path, *argv: str) -> dict:
+    """`noa-bench NAME` in its own process, as users run it: `data` runs the trainer in its
+    process, which takes over the noa_dist logger and the stop signals."""
     out = tmp_path / f"{name}.json"
-    assert cli.main([name, "--json", str(out), *argv]) == 0
+    cmd = [sys.executable, "-m", "noa_dist.bench.cli", name, "--json", str(out), *argv]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=800)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["bench"] == name and report["machine"]["cores"] >= 1
     return report
