@@ -87,12 +87,11 @@ def build_loss_fn(cfg: Config, tokenizer, projector: torch.nn.Module | None) -> 
     """(window, batch) -> the unweighted terms `loss_weights(cfg)` names."""
     latent = cfg.align.enable_latent_loss
     commit_dims = tokenizer.commit_mask if tokenizer is not None else None
-    normalized = cfg.train.traj_loss == "vrmse"
+    traj_loss = variance_normalized_mse if cfg.train.traj_loss == "vrmse" else trajectory_mse
 
     def loss_fn(window: Window, batch: Batch) -> dict[str, Tensor]:
         target_BTCHW = batch["target"][:, window.start : window.stop]
-        traj = variance_normalized_mse if normalized else trajectory_mse
-        terms = {"traj": traj(window.pred_BTCHW, target_BTCHW)}
+        terms = {"traj": traj_loss(window.pred_BTCHW, target_BTCHW)}
         if tokenizer is None:
             return terms
         z_e = tokenizer.encode_window(window.pred_BTCHW, window.input_BCHW)
